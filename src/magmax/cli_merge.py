@@ -1,0 +1,1 @@
+"""`magmax merge` (work in progress)."""

@@ -1,0 +1,1 @@
+"""`magmax run` and `magmax demo` (work in progress)."""

@@ -1,0 +1,164 @@
+"""The contract every merging method follows, and the registry that makes a new method one file.
+
+A method merges, for ONE tensor at a time, the T task-vector slices τ_1..τ_T of that tensor into one
+merged slice τ*. The model is then θ = θ0 + λ·τ* (λ = ``scale``). Three hooks cover the family:
+
+* ``merge_tensor(key, slices)``: the batch kernel. ``slices`` is a lazy sequence: ``slices[t]`` loads
+  (or computes) τ_t for this tensor on demand, so a kernel that walks it once keeps O(1) task vectors in
+  memory, and out-of-core engines can re-read it for a second pass. Default: the fold below.
+* ``init / update / result``: the fold, for methods whose merge is a running state over the stream
+  (MagMax, averaging, task arithmetic, random, TIES, OPCM). ``foldable = True`` promises that the batch
+  result equals the fold applied left to right, bit for bit, and lets :class:`magmax.Merger` keep only
+  the running state.
+* ``observe_task(t, tensors)`` and ``reduce_states(states)``: statistics that couple tensors, e.g. TIES'
+  top-k threshold over a whole flattened task vector (per task) and its global majority sign (over all
+  merged tensors). ``tensors()`` returns a fresh iterator over (key, τ_t[key]) each call, so a method may
+  read a task vector several times without holding it.
+
+Methods are instantiated once per merge with validated options; they may keep per-merge statistics on
+``self`` (set by ``observe_task`` / ``reduce_states``), never per-tensor state.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor
+
+from magmax.errors import ConfigError
+
+TensorStream = Callable[[], Iterator[tuple[str, Tensor]]]
+
+
+class MethodOptions(BaseModel):
+    """Options shared by every method. Subclasses add their own fields (with defaults and a description)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float | None = None
+    """λ in θ = θ0 + λ·τ*; ``None`` means the method's default (see ``default_scale``)."""
+
+
+class TaskSlices(Sequence[Tensor]):
+    """The T task-vector slices of one tensor, produced lazily (``slices[t]`` computes τ_t)."""
+
+    def __init__(self, key: str, count: int, load: Callable[[int], Tensor]):
+        self.key = key
+        self._count = count
+        self._load = load
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, t: int) -> Tensor:  # type: ignore[override]
+        if not 0 <= t < self._count:
+            raise IndexError(t)
+        return self._load(t)
+
+    @classmethod
+    def from_list(cls, key: str, taus: Sequence[Tensor]) -> "TaskSlices":
+        return cls(key, len(taus), lambda t: taus[t])
+
+
+class MergeMethod:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    reference: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    default_scale: ClassVar[float] = 1.0
+    foldable: ClassVar[bool] = False
+    uses_task_stats: ClassVar[bool] = False
+    uses_global_reduce: ClassVar[bool] = False
+
+    def __init__(self, options: MethodOptions | None = None):
+        self.options = options if options is not None else self.Options()
+
+    # -- scale -------------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        return self.default_scale if self.options.scale is None else float(self.options.scale)
+
+    # -- statistics hooks (default: none) ----------------------------------------------------------
+    def observe_task(self, t: int, tensors: TensorStream) -> None:
+        """Collect per-task statistics from task vector t (only called if ``uses_task_stats``)."""
+
+    def reduce_states(self, states: Iterable[tuple[str, Any]]) -> None:
+        """Collect statistics over every tensor's fold state (only called if ``uses_global_reduce``)."""
+
+    # -- fold --------------------------------------------------------------------------------------
+    def init(self, key: str, first: Tensor) -> Any:
+        raise NotImplementedError(f"{self.name} has no fold")
+
+    def update(self, state: Any, tau: Tensor, t: int, key: str) -> Any:
+        raise NotImplementedError(f"{self.name} has no fold")
+
+    def result(self, state: Any, key: str) -> Tensor:
+        raise NotImplementedError(f"{self.name} has no fold")
+
+    def fold(self, key: str, slices: Sequence[Tensor]) -> Any:
+        """Run the fold over all slices; returns the final state (before ``result``)."""
+        state = self.init(key, slices[0])
+        for t in range(1, len(slices)):
+            state = self.update(state, slices[t], t, key)
+        return state
+
+    # -- batch kernel ------------------------------------------------------------------------------
+    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        """τ* for one tensor from its T slices (float32, same shape)."""
+        return self.result(self.fold(key, slices), key)
+
+
+def seed_for(seed: int, key: str, t: int = 0) -> int:
+    """A stable per-(seed, tensor, task) seed, so random methods do not depend on tensor order."""
+    return zlib.crc32(f"{seed}\x00{key}\x00{t}".encode()) & 0x7FFF_FFFF
+
+
+def generator_for(seed: int, key: str, t: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed_for(seed, key, t))
+    return gen
+
+
+# -- registry --------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: make a method available by its ``name`` (to Python, YAML and the CLI)."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"merge method '{cls.name}' registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[MergeMethod]]:
+    import magmax.merging  # noqa: F401  (imports every method module, which registers it)
+
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method_class(name: str) -> type[MergeMethod]:
+    methods = registry()
+    if name not in methods:
+        raise ConfigError(f"unknown merge method '{name}'; choose one of: {', '.join(methods)}")
+    return methods[name]
+
+
+def create_method(name: str, **options: Any) -> MergeMethod:
+    """Instantiate a method by name with validated options (unknown or ill-typed options are one line)."""
+    cls = get_method_class(name)
+    try:
+        opts = cls.Options(**options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "options"
+        known = ", ".join(cls.Options.model_fields)
+        raise ConfigError(
+            f"merge method '{name}': option '{where}': {err['msg']}; options of '{name}' are: {known}"
+        ) from None
+    return cls(opts)

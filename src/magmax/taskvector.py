@@ -1,0 +1,105 @@
+"""Task vectors: τ = θ_ft − θ0 over the floating-point tensors of a state dict.
+
+Integer and bool tensors (step counters, position ids, BatchNorm's ``num_batches_tracked``) are not
+merged: the merged model takes them from the base. All arithmetic is in float32 whatever the storage
+dtype, because bf16/fp16 differences of nearby weights lose most of their bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from magmax.errors import MergeInputError
+
+COMPUTE_DTYPE = torch.float32
+
+
+def is_mergeable(dtype: torch.dtype) -> bool:
+    """Only floating-point tensors carry task vectors."""
+    return dtype.is_floating_point
+
+
+def task_vector_tensor(base: Tensor, finetuned: Tensor) -> Tensor:
+    """τ = θ_ft − θ0 for one tensor, in float32."""
+    return finetuned.to(COMPUTE_DTYPE) - base.to(COMPUTE_DTYPE)
+
+
+def task_vector(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """τ = θ_ft − θ0 for every floating-point tensor (float32), after checking the two state dicts agree."""
+    check_compatible(base, finetuned, "base", "fine-tuned model")
+    return {k: task_vector_tensor(v, finetuned[k]) for k, v in base.items() if is_mergeable(v.dtype)}
+
+
+def apply_task_vector(
+    base: Mapping[str, Tensor],
+    tau: Mapping[str, Tensor],
+    scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """θ = θ0 + λ·τ; keys absent from τ (non-float buffers) are copied from θ0."""
+    out: dict[str, Tensor] = {}
+    for key, value in base.items():
+        if key in tau:
+            out[key] = combine(value, tau[key], scale, dtype)
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def combine(base: Tensor, tau: Tensor, scale: float, dtype: torch.dtype | None = None) -> Tensor:
+    """θ0 + λ·τ in float32, cast to ``dtype`` (default: the base tensor's dtype)."""
+    merged = base.to(device=tau.device, dtype=COMPUTE_DTYPE).add(tau, alpha=scale)
+    return merged.to(dtype or base.dtype)
+
+
+def check_compatible(
+    base: Mapping[str, Tensor], other: Mapping[str, Tensor], base_name: str, other_name: str
+) -> None:
+    """Raise one clear line if two state dicts differ in keys, shapes or dtypes."""
+    missing = [k for k in base if k not in other]
+    if missing:
+        raise MergeInputError(
+            f"{other_name}: tensor '{missing[0]}' of {base_name} is missing ({len(missing)} missing in all); "
+            "merge only checkpoints of the same architecture"
+        )
+    extra = [k for k in other if k not in base]
+    if extra:
+        raise MergeInputError(
+            f"{other_name}: tensor '{extra[0]}' is not in {base_name} ({len(extra)} extra in all); "
+            "merge only checkpoints of the same architecture"
+        )
+    for key, value in base.items():
+        check_tensor_pair(key, tuple(value.shape), value.dtype, tuple(other[key].shape), other[key].dtype, base_name, other_name)
+
+
+def check_tensor_pair(
+    key: str,
+    base_shape: tuple[int, ...],
+    base_dtype: torch.dtype,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    base_name: str,
+    other_name: str,
+) -> None:
+    if base_shape != shape:
+        raise MergeInputError(
+            f"{other_name}: tensor '{key}' has shape {list(shape)} but {base_name} has {list(base_shape)}; "
+            "merge only checkpoints of the same architecture"
+        )
+    if base_dtype != dtype:
+        raise MergeInputError(
+            f"{other_name}: tensor '{key}' has dtype {dtype} but {base_name} has {base_dtype}; "
+            "convert the checkpoint so both use the same dtype"
+        )
+
+
+def check_finite(key: str, tensor: Tensor, source: str) -> None:
+    """NaN/Inf in a weight poisons every merge rule; refuse it with the tensor's name."""
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise MergeInputError(
+            f"{source}: tensor '{key}' contains {bad} NaN/Inf value(s); repair or drop this checkpoint"
+        )
