@@ -108,6 +108,18 @@ class Merger:
             m.reduce_states((k, m.fold(k, TaskSlices.from_list(k, [tau[k] for tau in self._taus]))) for k in keys)
         return {k: m.merge_tensor(k, TaskSlices.from_list(k, [tau[k] for tau in self._taus])) for k in keys}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the stream later (see :mod:`magmax.state_io` to save it)."""
+        method_stats = {k: v for k, v in vars(self.method).items() if k != "options"}
+        return {"count": self.count, "states": self._states, "taus": self._taus, "method": method_stats}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        self._states = dict(state["states"])
+        self._taus = list(state["taus"])
+        for key, value in state["method"].items():
+            setattr(self.method, key, value)
+
     def merged(self, scale: float | None = None, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """θ0 + λ·τ* (λ = the method's scale unless given)."""
         return apply_task_vector(self.base, self.task_vector(), self.scale if scale is None else scale, dtype)

@@ -1,0 +1,203 @@
+"""Validated configuration of a continual-learning run (YAML file → ``RunConfig``).
+
+One pydantic model is the single source of truth: YAML files, ``--set key=value`` overrides on the
+command line and the Python API all go through it, so they cannot drift apart. Unknown keys and wrong
+types are one-line :class:`~magmax.errors.ConfigError` messages naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from magmax.errors import ConfigError
+from magmax.models.base import BackboneConfig
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(StrictModel):
+    name: str = Field(description="dataset reader: wordnet, fashion_mnist, cifar100, imagefolder, imagenet_r, ...")
+    root: str | None = Field(None, description="folder holding the dataset; default: data_root, $MAGMAX_DATA, the reader's own places")
+    options: dict[str, Any] = Field(default_factory=dict, description="reader options (e.g. max_train_per_class)")
+
+
+class ScenarioConfig(StrictModel):
+    kind: Literal["class_incremental", "domain_incremental"] = "class_incremental"
+    n_tasks: int = Field(5, ge=1, description="number of tasks (class-incremental)")
+    class_order: str | list[int] = Field("natural", description="natural | random | paper-cifar100 | paper-imagenet-r | paper-cub200 | explicit list")
+    domain_order: list[str] | None = Field(None, description="domain-incremental: domains in task order (default: the dataset's)")
+
+
+class TrainConfig(StrictModel):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, description="max gradient norm; null disables clipping")
+    batch_size: int = Field(128, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per step (batch_size must divide evenly)")
+    warmup_steps: int = Field(500, ge=0, description="ABSOLUTE warm-up steps per task (protocol §3 quirk)")
+    epochs: float | None = Field(10, gt=0, description="epochs per task (ignored when steps is set)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps per task (overrides epochs)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the encoder (CUDA)")
+    num_workers: int = Field(0, ge=0, description="data-loading worker threads")
+    eval_batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _accum_divides(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set either epochs or steps per task")
+        return self
+
+
+class MergeConfig(StrictModel):
+    method: str = Field(description="merging method (see `magmax list-methods`)")
+    label: str | None = Field(None, description="row name in results (default: the method name)")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options, e.g. scale, k, seed")
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+    @model_validator(mode="after")
+    def _method_exists(self) -> "MergeConfig":
+        from magmax.merging import create_method
+
+        try:
+            create_method(self.method, **self.options)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class LwfConfig(StrictModel):
+    weight: float = Field(0.3, ge=0, description="weight of the distillation term (protocol: 0.3)")
+    temperature: float = Field(2.0, gt=0)
+
+
+class EwcConfig(StrictModel):
+    strength: float = Field(1e6, ge=0, description="λ of the penalty λ/2·Σ F(θ−θ_old)² (protocol: 1e6)")
+    fisher_decay: float = Field(0.5, ge=0, le=1, description="F ← decay·F + (1−decay)·F_new (protocol: 0.5)")
+    fisher_batches: int | None = Field(None, ge=1, description="batches used for the Fisher (default: the whole task)")
+
+
+class StreamConfig(StrictModel):
+    """One fine-tuning protocol over the task stream, whose task vectors every merge method consumes."""
+
+    name: str = Field(description="label used in results: seq, ind, lwf, ewc, ...")
+    start: Literal["previous", "pretrained"] = Field("previous", description="previous: Seq-FT (θ_{t-1}); pretrained: Ind-FT (θ0)")
+    regularizer: Literal["none", "lwf", "ewc"] = "none"
+    merges: list[str] | Literal["all"] = Field("all", description="labels of the merges applied to this stream")
+    evaluate_finetuned: bool = Field(True, description="evaluate θ_t itself after every task")
+    lwf: LwfConfig = Field(default_factory=LwfConfig)
+    ewc: EwcConfig = Field(default_factory=EwcConfig)
+
+
+class RunConfig(StrictModel):
+    name: str = "run"
+    seed: int = Field(5, description="seed of everything (the paper: 5)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_root: str | None = Field(None, description="root of all datasets (default: $MAGMAX_DATA)")
+    data: DataConfig
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+    backbone: BackboneConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    streams: list[StreamConfig] = Field(default_factory=lambda: [StreamConfig(name="seq")])
+    merges: list[MergeConfig] = Field(default_factory=lambda: [MergeConfig(method="magmax")])
+    zero_shot: bool = Field(True, description="evaluate the pre-trained model θ0 once")
+    joint: bool = Field(False, description="also train one model on all tasks' data at once (upper bound)")
+    save_checkpoints: bool = Field(False, description="write θ_t and merged models as safetensors")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "RunConfig":
+        labels = [m.name for m in self.merges]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"merge labels must be unique, got {labels}; set `label` to tell them apart")
+        streams = [s.name for s in self.streams]
+        if len(set(streams)) != len(streams):
+            raise ValueError(f"stream names must be unique, got {streams}")
+        for s in self.streams:
+            if s.merges != "all":
+                unknown = [m for m in s.merges if m not in labels]
+                if unknown:
+                    raise ValueError(f"stream '{s.name}' names merge '{unknown[0]}' that is not in merges {labels}")
+        return self
+
+    def merges_for(self, stream: StreamConfig) -> list[MergeConfig]:
+        if stream.merges == "all":
+            return list(self.merges)
+        return [m for m in self.merges if m.name in stream.merges]
+
+    def resolved_data_root(self) -> str | None:
+        return self.data.root or self.data_root or os.environ.get("MAGMAX_DATA")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: config key '{key}': {msg}{more}; see `magmax run --help` and configs/ for valid keys"
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value is read as a YAML scalar/list: 3 → int, 1e-5 → float, [1,2] → list, else str."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides to a raw config dict (creating sub-dicts as needed)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set train.steps=100")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{item}': '{part}' is not a section of the config")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass a YAML file such as configs/demo_text.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return validate_config(apply_overrides(raw, overrides or []), str(path))

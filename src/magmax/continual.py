@@ -1,0 +1,303 @@
+"""The continual-learning runner: task stream × fine-tuning protocol × merge methods → results.
+
+For every stream (Seq-FT starts each task from θ_{t−1}, Ind-FT from θ0; LwF / EWC add a regulariser):
+
+    for task t:  θ_t = finetune(start, D_t)                  (fresh optimiser and schedule)
+                 τ_t = θ_t − θ0                              (always relative to the PRE-TRAINED θ0)
+                 for each merge m: state_m ← m.update(state_m, τ_t)   (magmax.Merger, O(1) task vectors)
+                 evaluate θ_t and θ0 + λ_m·τ*_m on every task's test set with the all-class head
+
+Memory holds θ0, θ_t and the merge states, whatever the number of tasks. After every task the state
+needed to continue (θ_t, merger and regulariser states, results so far) is written atomically under
+``DIR/state``; ``resume=True`` continues after the last completed task and, on CPU, ends with exactly
+the numbers of an uninterrupted run (every random draw of task t derives from (seed, stream, t)).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from magmax.api import Merger
+from magmax.merging import create_method
+from magmax.config import RunConfig, StreamConfig
+from magmax.data import load_dataset
+from magmax.errors import ConfigError
+from magmax.evaluation import EvalResult, EvalSet, evaluate
+from magmax.metrics import summarize
+from magmax.models.base import Backbone, build_backbone
+from magmax.rundir import RunDir, provenance, read_json, write_json
+from magmax.scenarios import Task, class_incremental, class_order, domain_incremental
+from magmax.state_io import load_state, save_state
+from magmax.training.loop import StepInfo, finetune
+from magmax.training.regularizers import Regularizer
+
+ZERO_SHOT = "zero-shot"
+JOINT = "joint"
+
+
+def model_name(stream: str, what: str) -> str:
+    return f"{stream}:{what}"
+
+
+def task_seed(seed: int, stream_index: int, task_index: int) -> int:
+    return seed * 1_000_003 + stream_index * 10_007 + task_index
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but CUDA is not available; set device: cpu or auto")
+    return torch.device(name)
+
+
+def build_tasks(cfg: RunConfig, dataset) -> list[Task]:
+    sc = cfg.scenario
+    if sc.kind == "class_incremental":
+        order = class_order(sc.class_order, len(dataset.class_names), seed=cfg.seed)
+        return class_incremental(dataset, sc.n_tasks, order)
+    return domain_incremental(dataset, sc.domain_order)
+
+
+def make_regularizer(stream: StreamConfig) -> Regularizer | None:
+    if stream.regularizer == "none":
+        return None
+    from magmax.training.baselines import make_baseline_regularizer
+
+    return make_baseline_regularizer(stream)
+
+
+@dataclass
+class ProgressHooks:
+    """Callbacks for a front end (progress bars); all optional."""
+
+    on_phase: Callable[[str], None] | None = None
+    on_task_start: Callable[[str, Task, int], None] | None = None
+    on_step: Callable[[StepInfo], None] | None = None
+    on_eval: Callable[[str, EvalResult], None] | None = None
+
+
+class ContinualRun:
+    def __init__(self, cfg: RunConfig, out: str | Path, *, resume: bool = False, hooks: ProgressHooks | None = None):
+        self.cfg = cfg
+        self.dir = RunDir(out)
+        self.resume = resume
+        self.hooks = hooks or ProgressHooks()
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _phase(self, text: str) -> None:
+        self.log.info(text)
+        if self.hooks.on_phase:
+            self.hooks.on_phase(text)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = resolve_device(cfg.device)
+        self.dataset = load_dataset(cfg.data.name, cfg.resolved_data_root(), **cfg.data.options)
+        self.tasks = build_tasks(cfg, self.dataset)
+        self.evalset = EvalSet.from_tasks(self.tasks)
+        self.class_ids = sorted({c for t in self.tasks for c in t.classes})
+        torch.manual_seed(cfg.seed)
+        self.backbone: Backbone = build_backbone(cfg.backbone).to(self.device)
+        self.theta0 = {k: v.detach().cpu().clone() for k, v in self.backbone.encoder.state_dict().items()}
+        names = [self.dataset.class_names[c] for c in self.class_ids]
+        # The head is built ONCE from the frozen pre-trained text side and never trained nor merged.
+        self.head_all = self.backbone.class_embeddings(names, self.dataset.templates).float().cpu()
+        self.row_of = {c: i for i, c in enumerate(self.class_ids)}
+
+    def head_for(self, task: Task) -> torch.Tensor:
+        return self.head_all[[self.row_of[c] for c in task.classes]]
+
+    def load_encoder(self, state: dict[str, torch.Tensor]) -> None:
+        self.backbone.encoder.load_state_dict(state)
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.backbone.encoder.state_dict().items()}
+
+    def eval_current(self, name: str) -> EvalResult:
+        res = evaluate(self.backbone, self.evalset, self.head_all, self.class_ids, self.cfg.train.eval_batch_size, self.device, self.cfg.train.precision)
+        self.log.info(f"eval {name}: overall {res.overall:.2f} per task {[round(a, 2) for a in res.per_task]}")
+        if self.hooks.on_eval:
+            self.hooks.on_eval(name, res)
+        return res
+
+    # -- progress (resume) --------------------------------------------------------------------------
+    def _save_progress(self) -> None:
+        write_json(self.dir.state / "progress.json", self.progress)
+
+    def _fresh_progress(self) -> dict[str, Any]:
+        return {"config": self.cfg.model_dump(mode="json"), "zero_shot": None, "joint": None, "streams": {}}
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.dir.create(self.resume)
+        self.log = self.dir.logger()
+        resolved = self.cfg.model_dump(mode="json")
+        if self.resume:
+            self.progress = read_json(self.dir.state / "progress.json")
+            if self.progress["config"] != resolved:
+                raise ConfigError(f"--resume: the config differs from the one '{self.dir.path}' was started with; resume with the same config")
+        else:
+            self.progress = self._fresh_progress()
+        self.dir.write_config(resolved)
+        self.dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        try:
+            results = self._run()
+        except BaseException as exc:
+            self.dir.set_status("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        self.dir.set_status("complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return results
+
+    def _run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.time()
+        self._phase("loading data and model")
+        self.setup()
+        write_json(
+            self.dir.path / "provenance.json",
+            provenance(cfg.seed, self.theta0, getattr(self.dataset, "info", {}), cfg.backbone.model_dump(mode="json")),
+        )
+        self.log.info(f"{len(self.tasks)} tasks: " + "; ".join(f"{t.name} ({len(t.train)} train / {len(t.test)} test)" for t in self.tasks))
+        if cfg.zero_shot and self.progress["zero_shot"] is None:
+            self._phase("evaluating the pre-trained model (zero-shot)")
+            self.load_encoder(self.theta0)
+            self.progress["zero_shot"] = self.eval_current(ZERO_SHOT).to_json()
+            self._save_progress()
+        for s_idx, stream in enumerate(cfg.streams):
+            self._run_stream(s_idx, stream)
+        if cfg.joint and self.progress["joint"] is None:
+            from magmax.training.joint import train_joint
+
+            self._phase("joint training on all tasks (upper bound)")
+            self.load_encoder(self.theta0)
+            train_joint(self, seed=task_seed(cfg.seed, len(cfg.streams), 0))
+            self.progress["joint"] = self.eval_current(JOINT).to_json()
+            self._save_progress()
+        results = self.results(time.time() - t0)
+        from magmax.report import write_results
+
+        write_results(self.dir.path, results)
+        return results
+
+    def _stream_state_path(self, stream: StreamConfig) -> Path:
+        return self.dir.state / f"stream-{stream.name}"
+
+    def _run_stream(self, s_idx: int, stream: StreamConfig) -> None:
+        cfg = self.cfg
+        merges = cfg.merges_for(stream)
+        entry = self.progress["streams"].setdefault(stream.name, {"completed": 0, "rows": {}})
+        done = entry["completed"]
+        if done == len(self.tasks):
+            return
+        mergers = {m.name: Merger(m.method, self.theta0, **m.options) for m in merges}
+        regularizer = make_regularizer(stream)
+        if done > 0:
+            saved = load_state(self._stream_state_path(stream))
+            self.load_encoder(load_file(str(self._stream_state_path(stream)) + ".theta.safetensors"))
+            for name, merger in mergers.items():
+                merger.load_state_dict(saved["mergers"][name])
+            if regularizer is not None:
+                regularizer.load_state_dict(saved["regularizer"])
+        else:
+            self.load_encoder(self.theta0)
+        for t in range(done, len(self.tasks)):
+            task = self.tasks[t]
+            self._phase(f"[{stream.name}] task {t + 1}/{len(self.tasks)}: {task.name}")
+            if stream.start == "pretrained":
+                self.load_encoder(self.theta0)
+            if self.hooks.on_task_start:
+                self.hooks.on_task_start(stream.name, task, t)
+            previous_heads = [self.head_for(p) for p in self.tasks[:t]]
+            finetune(
+                self.backbone, task, self.head_for(task), cfg.train,
+                seed=task_seed(cfg.seed, s_idx, t), device=self.device, regularizer=regularizer,
+                previous_heads=previous_heads, on_step=self.hooks.on_step,
+            )
+            theta_t = self.encoder_state()
+            rows = entry["rows"]
+            if stream.evaluate_finetuned:
+                name = model_name(stream.name, "finetune")
+                rows.setdefault(name, []).append(self.eval_current(name).to_json())
+            for label, merger in mergers.items():
+                merger.add(theta_t)
+                merged = merger.merged()
+                self.load_encoder(merged)
+                name = model_name(stream.name, label)
+                rows.setdefault(name, []).append(self.eval_current(name).to_json())
+                if cfg.save_checkpoints and t == len(self.tasks) - 1:
+                    self._save_checkpoint(merged, f"{stream.name}-{label}-final")
+                del merged
+            self.load_encoder(theta_t)
+            if cfg.save_checkpoints:
+                self._save_checkpoint(theta_t, f"{stream.name}-task{t + 1}")
+            # Resume point: θ_t and every state, then the progress record that points at them.
+            base = self._stream_state_path(stream)
+            tmp = Path(str(base) + ".theta.safetensors.tmp")
+            save_file({k: v.contiguous() for k, v in theta_t.items()}, str(tmp))
+            tmp.replace(str(base) + ".theta.safetensors")
+            save_state(
+                {
+                    "mergers": {n: m.state_dict() for n, m in mergers.items()},
+                    "regularizer": regularizer.state_dict() if regularizer is not None else {},
+                },
+                base,
+            )
+            entry["completed"] = t + 1
+            self._save_progress()
+            del theta_t
+
+    def _save_checkpoint(self, state: dict[str, torch.Tensor], name: str) -> None:
+        folder = self.dir.path / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{name}.safetensors"))
+
+    # -- results ------------------------------------------------------------------------------------
+    def results(self, seconds: float) -> dict[str, Any]:
+        sizes = self.evalset.sizes
+        models: dict[str, Any] = {}
+        if self.progress["zero_shot"] is not None:
+            zs = self.progress["zero_shot"]
+            models[ZERO_SHOT] = {"kind": "zero-shot", "rows": [zs["per_task"]], "overall": [zs["overall"]], "task_aware": [zs["per_task_aware"]]}
+        for stream in self.cfg.streams:
+            for name, rows in self.progress["streams"].get(stream.name, {}).get("rows", {}).items():
+                what = name.split(":", 1)[1]
+                merge = next((m for m in self.cfg.merges if m.name == what), None)
+                models[name] = {
+                    "kind": "finetune" if merge is None else "merge",
+                    "stream": stream.name,
+                    "method": None if merge is None else merge.method,
+                    "scale": None if merge is None else create_method(merge.method, **merge.options).scale,
+                    "rows": [r["per_task"] for r in rows],
+                    "overall": [r["overall"] for r in rows],
+                    "task_aware": [r["per_task_aware"] for r in rows],
+                }
+        if self.progress["joint"] is not None:
+            j = self.progress["joint"]
+            models[JOINT] = {"kind": "joint", "rows": [j["per_task"]], "overall": [j["overall"]], "task_aware": [j["per_task_aware"]]}
+        for name, m in models.items():
+            acc = np.asarray(m["rows"], dtype=float)
+            if acc.shape[0] == len(self.tasks):
+                m["metrics"] = summarize(acc, sizes)
+            else:  # evaluated once (zero-shot, joint): no stream of rows, only the final model
+                m["metrics"] = {"final_accuracy": m["overall"][-1], "average_incremental_accuracy": None, "forgetting": None, "backward_transfer": None}
+        return {
+            "name": self.cfg.name,
+            "complete": True,
+            "seconds": seconds,
+            "device": str(self.device),
+            "tasks": [
+                {"index": t.index, "name": t.name, "classes": list(t.classes), "n_train": len(t.train), "n_test": len(t.test)}
+                for t in self.tasks
+            ],
+            "test_sizes": sizes,
+            "models": models,
+        }

@@ -1,0 +1,134 @@
+"""The run directory: resolved config, progress, results, log and provenance, written atomically.
+
+Layout::
+
+    DIR/config.yaml        the resolved config (every default filled in)
+    DIR/status.json        {"status": "running" | "failed" | "complete", ...}
+    DIR/provenance.json    package versions, git commit, seed, checksums of the base weights, data info
+    DIR/log.txt            the log
+    DIR/state/             resume state after the last completed task (θ_t, merger states, progress)
+    DIR/results.json       all accuracy matrices and metrics — written only when the run completes
+    DIR/results.csv        one row per model
+    DIR/checkpoints/       optional safetensors of θ_t and merged models
+
+A directory without ``status: complete`` is never presented as a finished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from magmax.errors import ConfigError
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    def status(self) -> str | None:
+        f = self.path / "status.json"
+        return read_json(f)["status"] if f.exists() else None
+
+    def create(self, resume: bool) -> None:
+        """Make the folder (or reopen it for --resume); refuse to overwrite another run."""
+        if self.path.exists() and not resume and any(self.path.iterdir()):
+            raise ConfigError(
+                f"output folder '{self.path}' already holds a run; pass --resume to continue it or choose another --out"
+            )
+        if resume and not (self.state / "progress.json").exists():
+            raise ConfigError(f"--resume: '{self.path}' has no resumable state (state/progress.json); start a new run")
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run directory '{self.path}' ({exc.strerror}); choose a writable --out") from None
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        write_json(self.path / "status.json", {"status": status, **extra})
+
+    def write_config(self, resolved: dict[str, Any]) -> None:
+        tmp = self.path / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        os.replace(tmp, self.path / "config.yaml")
+
+    def logger(self) -> logging.Logger:
+        log = logging.getLogger(f"magmax.run.{self.path}")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        if not log.handlers:
+            handler = logging.FileHandler(self.path / "log.txt")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+        return log
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over (key, dtype, shape, bytes) of every tensor in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> dict[str, Any]:
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None}
+    if commit.returncode != 0:
+        return {"commit": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def provenance(seed: int, base_state: dict[str, torch.Tensor], data_info: dict[str, Any], backbone_info: dict[str, Any]) -> dict[str, Any]:
+    packages = {p: _version(p) for p in ("magmax", "torch", "transformers", "safetensors", "numpy", "pydantic")}
+    return {
+        "seed": seed,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": packages,
+        "git": git_commit(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "base_weights_sha256": state_checksum(base_state),
+        "backbone": backbone_info,
+        "data": data_info,
+    }
