@@ -29,10 +29,23 @@ class DataConfig(StrictModel):
 
 
 class ScenarioConfig(StrictModel):
-    kind: Literal["class_incremental", "domain_incremental"] = "class_incremental"
+    kind: Literal["class_incremental", "domain_incremental", "multi_dataset"] = "class_incremental"
     n_tasks: int = Field(5, ge=1, description="number of tasks (class-incremental)")
     class_order: str | list[int] = Field("natural", description="natural | random | paper-cifar100 | paper-imagenet-r | paper-cub200 | explicit list")
     domain_order: list[str] | None = Field(None, description="domain-incremental: domains in task order (default: the dataset's)")
+    datasets: list[DataConfig] | None = Field(None, description="multi_dataset: one task per dataset, in this order, each with its own head")
+    epochs: list[float] | None = Field(None, description="epochs of each task (overrides train.epochs), e.g. the 8-dataset setting's")
+    task_aware: bool = Field(False, description="report task-aware accuracy (each task's own classes) as the headline, unweighted mean over tasks")
+
+    @model_validator(mode="after")
+    def _datasets_for_multi(self) -> "ScenarioConfig":
+        if self.kind == "multi_dataset" and not self.datasets:
+            raise ValueError("multi_dataset needs scenario.datasets (a list of data configs)")
+        if self.kind != "multi_dataset" and self.datasets:
+            raise ValueError("scenario.datasets is only for kind: multi_dataset")
+        if self.epochs is not None and any(e <= 0 for e in self.epochs):
+            raise ValueError("scenario.epochs must be positive")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -107,7 +120,7 @@ class RunConfig(StrictModel):
     seed: int = Field(5, description="seed of everything (the paper: 5)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: str | None = Field(None, description="root of all datasets (default: $MAGMAX_DATA)")
-    data: DataConfig
+    data: DataConfig | None = Field(None, description="the dataset (all kinds but multi_dataset)")
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
     backbone: BackboneConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -119,6 +132,10 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _names_unique(self) -> "RunConfig":
+        if self.data is None and self.scenario.kind != "multi_dataset":
+            raise ValueError("data is required (e.g. data: {name: cifar100})")
+        if self.scenario.epochs is not None and self.scenario.kind != "multi_dataset" and len(self.scenario.epochs) != self.scenario.n_tasks:
+            raise ValueError(f"scenario.epochs has {len(self.scenario.epochs)} entries for {self.scenario.n_tasks} tasks")
         labels = [m.name for m in self.merges]
         if len(set(labels)) != len(labels):
             raise ValueError(f"merge labels must be unique, got {labels}; set `label` to tell them apart")
@@ -137,8 +154,9 @@ class RunConfig(StrictModel):
             return list(self.merges)
         return [m for m in self.merges if m.name in stream.merges]
 
-    def resolved_data_root(self) -> str | None:
-        return self.data.root or self.data_root or os.environ.get("MAGMAX_DATA")
+    def resolved_data_root(self, data: DataConfig | None = None) -> str | None:
+        data = data or self.data
+        return (data.root if data else None) or self.data_root or os.environ.get("MAGMAX_DATA")
 
 
 # -- loading ---------------------------------------------------------------------------------------

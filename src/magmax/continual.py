@@ -59,12 +59,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class HeadGroup:
+    """Classes whose head rows come from one dataset's class names and templates."""
+
+    class_ids: list[int]
+    names: list[str]
+    templates: list[str]
+
+
 def build_tasks(cfg: RunConfig, dataset) -> list[Task]:
     sc = cfg.scenario
     if sc.kind == "class_incremental":
         order = class_order(sc.class_order, len(dataset.class_names), seed=cfg.seed)
         return class_incremental(dataset, sc.n_tasks, order)
     return domain_incremental(dataset, sc.domain_order)
+
+
+def load_stream(cfg: RunConfig) -> tuple[list[Task], list[HeadGroup], dict[str, Any]]:
+    """The task stream, the head groups (class names + templates) and the data provenance."""
+    if cfg.scenario.kind != "multi_dataset":
+        dataset = load_dataset(cfg.data.name, cfg.resolved_data_root(), **cfg.data.options)
+        tasks = build_tasks(cfg, dataset)
+        ids = sorted({c for t in tasks for c in t.classes})
+        group = HeadGroup(ids, [dataset.class_names[c] for c in ids], list(dataset.templates))
+        return tasks, [group], dict(getattr(dataset, "info", {}))
+    # One task per dataset; class ids offset so that datasets never share a head row.
+    tasks, groups, info, offset = [], [], {}, 0
+    for i, dcfg in enumerate(cfg.scenario.datasets or []):
+        ds = load_dataset(dcfg.name, cfg.resolved_data_root(dcfg), **dcfg.options)
+        n = len(ds.class_names)
+        ids = list(range(offset, offset + n))
+        shift = lambda s: type(s)(items=s.items, labels=s.labels + offset, domains=s.domains)  # noqa: E731
+        tasks.append(Task(index=i, name=ds.name, classes=tuple(ids), train=shift(ds.train), test=shift(ds.test)))
+        groups.append(HeadGroup(ids, list(ds.class_names), list(ds.templates)))
+        info[ds.name] = dict(getattr(ds, "info", {}))
+        offset += n
+    return tasks, groups, info
 
 
 def make_regularizer(stream: StreamConfig) -> Regularizer | None:
@@ -101,17 +132,22 @@ class ContinualRun:
     def setup(self) -> None:
         cfg = self.cfg
         self.device = resolve_device(cfg.device)
-        self.dataset = load_dataset(cfg.data.name, cfg.resolved_data_root(), **cfg.data.options)
-        self.tasks = build_tasks(cfg, self.dataset)
+        self.tasks, groups, self.data_info = load_stream(cfg)
         self.evalset = EvalSet.from_tasks(self.tasks)
-        self.class_ids = sorted({c for t in self.tasks for c in t.classes})
         torch.manual_seed(cfg.seed)
         self.backbone: Backbone = build_backbone(cfg.backbone).to(self.device)
         self.theta0 = {k: v.detach().cpu().clone() for k, v in self.backbone.encoder.state_dict().items()}
-        names = [self.dataset.class_names[c] for c in self.class_ids]
         # The head is built ONCE from the frozen pre-trained text side and never trained nor merged.
-        self.head_all = self.backbone.class_embeddings(names, self.dataset.templates).float().cpu()
+        self.class_ids = [c for g in groups for c in g.class_ids]
+        self.head_all = torch.cat([self.backbone.class_embeddings(g.names, g.templates).float().cpu() for g in groups])
         self.row_of = {c: i for i, c in enumerate(self.class_ids)}
+
+    def train_config(self, t: int):
+        """train settings of task t: the scenario's per-task epochs, where given, override train.epochs."""
+        epochs = self.cfg.scenario.epochs
+        if epochs is None:
+            return self.cfg.train
+        return self.cfg.train.model_copy(update={"epochs": epochs[t], "steps": None})
 
     def head_for(self, task: Task) -> torch.Tensor:
         return self.head_all[[self.row_of[c] for c in task.classes]]
@@ -164,7 +200,7 @@ class ContinualRun:
         self.setup()
         write_json(
             self.dir.path / "provenance.json",
-            provenance(cfg.seed, self.theta0, getattr(self.dataset, "info", {}), cfg.backbone.model_dump(mode="json")),
+            provenance(cfg.seed, self.theta0, self.data_info, cfg.backbone.model_dump(mode="json")),
         )
         self.log.info(f"{len(self.tasks)} tasks: " + "; ".join(f"{t.name} ({len(t.train)} train / {len(t.test)} test)" for t in self.tasks))
         if cfg.zero_shot and self.progress["zero_shot"] is None:
@@ -218,7 +254,7 @@ class ContinualRun:
                 self.hooks.on_task_start(stream.name, task, t)
             previous_heads = [self.head_for(p) for p in self.tasks[:t]]
             finetune(
-                self.backbone, task, self.head_for(task), cfg.train,
+                self.backbone, task, self.head_for(task), self.train_config(t),
                 seed=task_seed(cfg.seed, s_idx, t), device=self.device, regularizer=regularizer,
                 previous_heads=previous_heads, on_step=self.hooks.on_step,
             )
@@ -262,7 +298,9 @@ class ContinualRun:
 
     # -- results ------------------------------------------------------------------------------------
     def results(self, seconds: float) -> dict[str, Any]:
-        sizes = self.evalset.sizes
+        task_aware = self.cfg.scenario.task_aware
+        # Task-aware settings (e.g. 8 datasets) report the unweighted mean over tasks, as that literature does.
+        sizes = [1] * len(self.tasks) if task_aware else self.evalset.sizes
         models: dict[str, Any] = {}
         if self.progress["zero_shot"] is not None:
             zs = self.progress["zero_shot"]
@@ -284,11 +322,12 @@ class ContinualRun:
             j = self.progress["joint"]
             models[JOINT] = {"kind": "joint", "rows": [j["per_task"]], "overall": [j["overall"]], "task_aware": [j["per_task_aware"]]}
         for name, m in models.items():
-            acc = np.asarray(m["rows"], dtype=float)
+            acc = np.asarray(m["task_aware" if task_aware else "rows"], dtype=float)
             if acc.shape[0] == len(self.tasks):
                 m["metrics"] = summarize(acc, sizes)
             else:  # evaluated once (zero-shot, joint): no stream of rows, only the final model
-                m["metrics"] = {"final_accuracy": m["overall"][-1], "average_incremental_accuracy": None, "forgetting": None, "backward_transfer": None}
+                final = float(np.mean(acc[-1])) if task_aware else m["overall"][-1]
+                m["metrics"] = {"final_accuracy": final, "average_incremental_accuracy": None, "forgetting": None, "backward_transfer": None}
         return {
             "name": self.cfg.name,
             "complete": True,
@@ -299,5 +338,6 @@ class ContinualRun:
                 for t in self.tasks
             ],
             "test_sizes": sizes,
+            "headline": "task-aware accuracy, mean over tasks" if task_aware else "task-agnostic accuracy on the whole test set",
             "models": models,
         }

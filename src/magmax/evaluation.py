@@ -17,7 +17,7 @@ from torch import Tensor
 
 from magmax.models.base import Backbone
 from magmax.scenarios import Task
-from magmax.training.batches import take
+from magmax.training.batches import concat_items, take
 from magmax.training.loop import autocast_for, logits_of, to_device
 
 
@@ -34,13 +34,10 @@ class EvalSet:
     @classmethod
     def from_tasks(cls, tasks: list[Task]) -> "EvalSet":
         parts = [t.test for t in tasks]
-        if isinstance(parts[0].items, np.ndarray):
-            items: Sequence = np.concatenate([p.items for p in parts])
-        else:
-            items = [x for p in parts for x in p.items]
+        items = concat_items([p.items for p in parts])
         labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
         task_of = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
-        if isinstance(items, list) and items and isinstance(items[0], str):
+        if type(items) is list and items and isinstance(items[0], str):  # texts (not ImageFiles paths)
             order = np.argsort([len(x) for x in items], kind="stable")
         else:
             order = np.arange(len(labels))

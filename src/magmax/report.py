@@ -63,7 +63,8 @@ def write_results(folder: str | Path, results: dict[str, Any]) -> None:
 
 
 def results_table(results: dict[str, Any], title: str | None = None) -> Table:
-    table = Table(title=title or f"{results['name']}: accuracy (%) on all classes seen, task-agnostic head")
+    headline = results.get("headline", "task-agnostic accuracy on the whole test set")
+    table = Table(title=title or f"{results['name']}: accuracy (%), {headline}")
     for col in ("model", "λ", "final acc.", "avg. incr. acc.", "forgetting", "BWT"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows(results):

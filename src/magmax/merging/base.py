@@ -44,12 +44,26 @@ class MethodOptions(BaseModel):
 
 
 class TaskSlices(Sequence[Tensor]):
-    """The T task-vector slices of one tensor, produced lazily (``slices[t]`` computes τ_t)."""
+    """The T task-vector slices of one tensor, produced lazily (``slices[t]`` computes τ_t).
 
-    def __init__(self, key: str, count: int, load: Callable[[int], Tensor]):
+    ``operands(t)`` gives τ_t unformed, as (θ_t, θ0) with τ_t = float32(θ_t) − float32(θ0), so a fused
+    kernel can form it chunk by chunk instead of materialising it (one memory pass instead of four).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        count: int,
+        load: Callable[[int], Tensor],
+        *,
+        base: Tensor | None = None,
+        finetuned: Callable[[int], Tensor] | None = None,
+    ):
         self.key = key
         self._count = count
         self._load = load
+        self._base = base
+        self._finetuned = finetuned
 
     def __len__(self) -> int:
         return self._count
@@ -58,6 +72,14 @@ class TaskSlices(Sequence[Tensor]):
         if not 0 <= t < self._count:
             raise IndexError(t)
         return self._load(t)
+
+    def operands(self, t: int) -> tuple[Tensor, Tensor | None]:
+        """(θ_t, θ0) when the slices come from checkpoints, else (τ_t, None)."""
+        if self._finetuned is None or self._base is None:
+            return self[t], None
+        if not 0 <= t < self._count:
+            raise IndexError(t)
+        return self._finetuned(t), self._base
 
     @classmethod
     def from_list(cls, key: str, taus: Sequence[Tensor]) -> "TaskSlices":

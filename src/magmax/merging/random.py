@@ -3,23 +3,77 @@
     τ*[p] = τ_{k_p}[p],  k_p ~ Uniform{1..T} independently per parameter,   θ = θ0 + λ·τ*,  λ = 1
 
 Streamed as reservoir sampling: after task t (1-based) each entry is replaced by τ_t with probability
-1/t, which leaves every task equally likely after any prefix. The draws come from a generator seeded by
-(seed, tensor name, task), so the result is exact for a given seed and independent of tensor order
-(draws are made on the tensor's device: CPU and CUDA give different, equally valid, mixes).
+1/t, which leaves every task equally likely after any prefix. The draws are a counter-based hash of
+(seed, tensor name, task, parameter index), so the result is exact for a given seed, independent of
+tensor order, the same in the batch and the streaming fold, and the same on CPU and CUDA.
+
+How it computes (:func:`random_kernel`), for task t (0-based) and parameter index i, in int64 holding
+32-bit values (no product exceeds 2^63):
+
+    h = mix((i·0x61C88647 + k_t) mod 2^32),  k_t = crc32(seed, tensor name, t)  (``seed_for``)
+    mix(x) = xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16
+    replace iff h < ⌈2^32/(t+1)⌉                (probability 1/(t+1) up to 2^-32; always at t = 0)
+
+and the selection is made on the bit patterns (``best ^= (best ^ τ_t) & take``), as in MagMax.
 Marczak et al., MagMax, ECCV 2024 (the "Random" baseline).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from magmax.merging.base import MergeMethod, MethodOptions, generator_for, register
+from magmax.merging import _fused
+from magmax.merging.base import MergeMethod, MethodOptions, register, seed_for
+
+_LOW32 = 0xFFFFFFFF
+_SPREAD = 0x61C88647  # 2^32/φ, odd: i ↦ i·_SPREAD mod 2^32 is a bijection
+_MIX = 0x45D9F3B
 
 
 class RandomOptions(MethodOptions):
     seed: int = 0
     """Seed of the per-parameter task choice."""
+
+
+def _xorshift16(x: Tensor, tmp: Tensor) -> None:
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
+
+
+def random_kernel(
+    choice: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
+) -> None:
+    """Fold ``inputs`` into ``choice`` in place: take τ_t where h(i; k_t) <= thr_t − 1 (see module).
+
+    ``step.params`` holds one row (k_t, ⌈2^32/(t+1)⌉ − 1) per input.
+    """
+    assert step.params is not None
+    base32 = _fused.base_f32(base, ws)
+    bits = choice.view(torch.int32)
+    numel = choice.shape[0]
+    start = 0
+    if step.first:  # t = 0 is always taken
+        _fused.tau_into(choice, inputs[0], base32)
+        start = 1
+    spread = torch.arange(step.offset, step.offset + numel, out=ws.buffer(torch.int64))
+    spread.bitwise_and_(_LOW32).mul_(_SPREAD).bitwise_and_(_LOW32)
+    h = ws.buffer(torch.int64)
+    tmp = ws.buffer(torch.int64)
+    keep = ws.buffer(torch.int32)
+    scratch = ws.buffer(torch.float32)
+    for j in range(start, len(inputs)):
+        cur = _fused.tau_of(scratch, inputs[j], base32).view(torch.int32)
+        torch.add(spread, step.params[j, 0], out=h).bitwise_and_(_LOW32)
+        for _ in range(2):
+            _xorshift16(h, tmp)
+            h.mul_(_MIX).bitwise_and_(_LOW32)
+        _xorshift16(h, tmp)
+        # keep = −1 where h > thr − 1 (the entry stays), 0 where τ_t replaces it
+        torch.sub(step.params[j, 1], h, out=tmp).bitwise_right_shift_(63)
+        keep.copy_(tmp)
+        bits.bitwise_xor_(cur).bitwise_and_(keep).bitwise_xor_(cur)
 
 
 @register
@@ -31,15 +85,23 @@ class RandomMix(MergeMethod):
     default_scale = 1.0
     foldable = True
 
+    def _params(self, key: str) -> _fused.ParamsFn:
+        seed = self.options.seed
+
+        def params(first_t: int, count: int, total: int) -> Tensor:
+            rows = [[seed_for(seed, key, t), -(-(1 << 32) // (t + 1)) - 1] for t in range(first_t, first_t + count)]
+            return torch.tensor(rows, dtype=torch.int64)
+
+        return params
+
     def init(self, key: str, first: Tensor) -> Tensor:
-        return first.clone()
+        return first.to(torch.float32, copy=True)
 
     def update(self, state: Tensor, tau: Tensor, t: int, key: str) -> Tensor:
-        gen = generator_for(self.options.seed, key, t, tau.device)
-        draw = torch.rand(tau.shape, generator=gen, device=tau.device)
-        # Task t (0-based) replaces the kept entry with probability 1/(t+1).
-        torch.where(draw * (t + 1) < 1.0, tau, state, out=state)
-        return state
+        return _fused.update_state(random_kernel, state, tau, t, self._params(key))
 
     def result(self, state: Tensor, key: str) -> Tensor:
         return state
+
+    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        return _fused.fold_slices(random_kernel, slices, self._params(key))

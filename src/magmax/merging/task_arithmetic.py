@@ -4,14 +4,33 @@
 
 λ is tuned on validation data in the paper (the MagMax reference only sweeps it); the default 0.3 is
 the value Ilharco et al. and FusionBench use for 8 CLIP tasks. Pass ``scale`` to choose another.
+The sum is accumulated in float32 left to right, ((τ_1 + τ_2) + τ_3) + …, the same in the batch and the
+streaming fold; the batch kernel forms each τ_t inside a fused pass (:mod:`magmax.merging._fused`).
 Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. arXiv:2212.04089.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor
 
+from magmax.merging import _fused
 from magmax.merging.base import MergeMethod, register
+
+
+def sum_kernel(
+    total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
+) -> None:
+    """Fold ``inputs`` into ``total`` in place: total = total + τ_t, left to right (float32)."""
+    base32 = _fused.base_f32(base, ws)
+    if step.first:
+        _fused.tau_into(total, inputs[0], base32)
+        inputs = inputs[1:]
+    scratch = ws.buffer(torch.float32)
+    for x in inputs:
+        total.add_(_fused.tau_of(scratch, x, base32))
 
 
 @register
@@ -23,10 +42,13 @@ class TaskArithmetic(MergeMethod):
     foldable = True
 
     def init(self, key: str, first: Tensor) -> Tensor:
-        return first.clone()
+        return first.to(torch.float32, copy=True)
 
     def update(self, state: Tensor, tau: Tensor, t: int, key: str) -> Tensor:
-        return state.add_(tau)
+        return _fused.update_state(sum_kernel, state, tau, t)
 
     def result(self, state: Tensor, key: str) -> Tensor:
         return state
+
+    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        return _fused.fold_slices(sum_kernel, slices)

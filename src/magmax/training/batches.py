@@ -30,7 +30,16 @@ def batch_indices(num_samples: int, batch_size: int, total_steps: int, generator
 
 
 def take(items: Sequence, idx: np.ndarray) -> Sequence:
-    """Items at ``idx``: a fancy-indexed array slice for arrays, a list otherwise."""
+    """Items at ``idx``, of the same kind: an array slice, an ``ImageFiles`` list, or a list of texts."""
     if isinstance(items, np.ndarray):
         return items[idx]
-    return [items[int(i)] for i in idx]
+    picked = [items[int(i)] for i in idx]
+    return type(items)(picked) if type(items) is not list else picked
+
+
+def concat_items(parts: Sequence[Sequence]) -> Sequence:
+    """Concatenate item collections of one kind (arrays, ``ImageFiles`` path lists, text lists)."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    joined = [x for p in parts for x in p]
+    return type(parts[0])(joined) if type(parts[0]) is not list else joined

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from magmax.scenarios import Task
+from magmax.training.batches import concat_items
 from magmax.training.loop import finetune
 
 if TYPE_CHECKING:
@@ -21,10 +22,7 @@ if TYPE_CHECKING:
 def concat_sets(sets):
     """One LabeledSet from several (arrays concatenated, lists joined)."""
     first = sets[0]
-    if isinstance(first.items, np.ndarray):
-        items = np.concatenate([s.items for s in sets])
-    else:
-        items = [x for s in sets for x in s.items]
+    items = concat_items([s.items for s in sets])
     labels = np.concatenate([s.labels for s in sets])
     domains = None if first.domains is None else np.concatenate([s.domains for s in sets])
     return type(first)(items=items, labels=labels, domains=domains)

@@ -1,0 +1,276 @@
+"""Fused folds: an elementwise fold over one tensor's T task vectors in about one pass over memory.
+
+A fold done task by task over whole tensors pays, per task, a pass to form τ_t = θ_t − θ0, a pass per
+elementwise op and a pass to write the running state back: 5–10× the bandwidth floor (read every input
+once, write the result once). Here a method writes its fold as a *group kernel*
+``kernel(state, base, inputs, step, ws)``: it updates the running state **in place** by up to
+:data:`GROUP` inputs, forming each τ_t itself from the raw tensors (``TaskSlices.operands``), with
+``out=`` / in-place torch ops on scratch buffers taken from ``ws``. This module runs a group kernel
+
+* eagerly over cache-sized chunks: the state chunk and the scratch stay in cache, so each input is read
+  from memory once and the state is written once per group; or
+* under ``torch.compile`` over the whole flattened tensor, where inductor turns the group into one loop
+  that reads each input once and writes the state once (scratch buffers are fused away).
+
+Both run the same IEEE-754 operations on every element in the same order, so they agree bit for bit
+(inductor compiles without -funsafe-math-optimizations, so nothing is reassociated); the tests check it.
+
+Compiling costs seconds (about 3 s with a warm inductor cache, 10–20 s cold, per group shape), so it is
+governed by :func:`set_compile_mode`: ``"never"``, ``"always"``, or ``"auto"`` (default, also set by the
+``MAGMAX_COMPILE`` environment variable). ``auto`` rents before it buys: it runs eagerly until this
+process has spent ``MAGMAX_COMPILE_AFTER_S`` seconds (default 30) in eager group kernels, then compiles
+— a small merge never pays a compile, a large one pays at most about twice the better choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from magmax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GROUP = 8
+"""Inputs folded per kernel call: the state is read and written once per group, and at most this many
+raw tensors of one key are held at a time (O(1) in T)."""
+
+CHUNK = 32768
+"""Elements per eager chunk. ATen runs an op on at most 32768 elements (its grain size) on the calling
+thread, so no op pays an OpenMP hand-off, and a few chunk-sized buffers stay in L2."""
+
+MIN_COMPILE_NUMEL = 4096
+"""Smaller tensors always run eagerly (a compiled call has a fixed cost of tens of microseconds)."""
+
+CompileMode = Literal["auto", "always", "never"]
+_MODES: tuple[str, ...] = ("auto", "always", "never")
+_F32 = torch.float32
+# float32 holds these exactly, so ``x − θ0`` promoted to float32 equals float32(x) − float32(θ0).
+_EXACT_IN_F32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# -- what a kernel sees ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a group sits in the fold: ``first`` (the state is uninitialised and ``inputs[0]`` is τ_0),
+    ``last`` (the fold ends with this group), per-input integer ``params`` (int64, one row per input,
+    built by the method; a tensor so that compiled kernels do not specialise on their values), and the
+    flat ``offset`` of this chunk's first element (always 0 when compiled)."""
+
+    first: bool
+    last: bool
+    params: Tensor | None
+    offset: int
+
+
+class Workspace:
+    """Scratch buffers of one chunk's length: reused from a pool eagerly, fresh when compiled (there
+    inductor fuses them away). A kernel takes each buffer it needs once per call, by dtype."""
+
+    def __init__(self, like: Tensor, pool: list[Tensor] | None = None):
+        self.numel = like.shape[0]
+        self.device = like.device
+        self._pool = pool
+        self._taken = 0
+
+    def buffer(self, dtype: torch.dtype) -> Tensor:
+        if self._pool is None:
+            return torch.empty(self.numel, dtype=dtype, device=self.device)
+        if self._taken == len(self._pool):
+            self._pool.append(torch.empty(CHUNK * 8, dtype=torch.uint8, device=self.device))
+        raw = self._pool[self._taken]
+        self._taken += 1
+        return raw.view(dtype)[: self.numel]
+
+
+class GroupKernel(Protocol):
+    def __call__(self, state: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: Step, ws: Workspace) -> None: ...
+
+
+ParamsFn = Callable[[int, int, int], Tensor]
+"""``params(first_t, count, total)``: the int64 rows for inputs first_t..first_t+count−1 of a fold of
+``total`` inputs (``total`` is 0 when the fold's length is not known yet, as in a streaming update)."""
+
+
+# -- τ formed inside a kernel ------------------------------------------------------------------------
+
+
+def base_f32(base: Tensor | None, ws: Workspace) -> Tensor | None:
+    """θ0 as float32 (converted once per chunk and reused for every input of the group)."""
+    if base is None or base.dtype == _F32:
+        return base
+    return ws.buffer(_F32).copy_(base)
+
+
+def tau_into(out: Tensor, x: Tensor, base32: Tensor | None) -> Tensor:
+    """Write τ = float32(x) − float32(θ0) into ``out`` (τ = float32(x) without a base), as the engine forms it."""
+    if base32 is None:
+        return out.copy_(x)
+    if x.dtype in _EXACT_IN_F32:
+        return torch.sub(x, base32, out=out)
+    return out.copy_(x).sub_(base32)
+
+
+def tau_of(scratch: Tensor, x: Tensor, base32: Tensor | None) -> Tensor:
+    """τ for reading only: ``x`` itself when it already is a float32 task vector, else formed in ``scratch``."""
+    if base32 is None and x.dtype == _F32:
+        return x
+    return tau_into(scratch, x, base32)
+
+
+# -- running a fold ----------------------------------------------------------------------------------
+
+
+def fold_slices(kernel: GroupKernel, slices: Sequence[Tensor], params: ParamsFn | None = None) -> Tensor:
+    """The fold of a tensor's T slices (``TaskSlices`` hand over unformed τ; a plain list is taken as τ)."""
+    operands = getattr(slices, "operands", None)
+    if operands is None:
+
+        def operands(t: int) -> tuple[Tensor, Tensor | None]:
+            return slices[t], None
+
+    return fold_operands(kernel, operands, len(slices), params)
+
+
+def fold_operands(
+    kernel: GroupKernel,
+    operands: Callable[[int], tuple[Tensor, Tensor | None]],
+    count: int,
+    params: ParamsFn | None = None,
+) -> Tensor:
+    """The fold of ``count`` inputs (``operands(t)`` = (x_t, θ0 or None)) as a new float32 tensor of x's shape."""
+    if count < 1:
+        raise ValueError("a fold needs at least one input")
+    first_x, _ = operands(0)
+    state = torch.empty(first_x.numel(), dtype=_F32, device=first_x.device)
+    for start in range(0, count, GROUP):
+        stop = min(start + GROUP, count)
+        pairs = [operands(t) for t in range(start, stop)]
+        base = pairs[0][1]
+        xs = [x.reshape(-1) for x, _ in pairs]
+        rows = params(start, stop - start, count) if params is not None else None
+        run_group(kernel, state, None if base is None else base.reshape(-1), xs, start == 0, stop == count, rows)
+    return state.view(first_x.shape)
+
+
+def update_state(
+    kernel: GroupKernel, state: Tensor, tau: Tensor, t: int, params: ParamsFn | None = None
+) -> Tensor:
+    """One streaming step: fold task vector ``tau`` (the t-th, t ≥ 1) into ``state`` in place."""
+    rows = params(t, 1, 0) if params is not None else None
+    run_group(kernel, state.view(-1), None, [tau.reshape(-1)], False, False, rows)
+    return state
+
+
+def run_group(
+    kernel: GroupKernel,
+    state: Tensor,
+    base: Tensor | None,
+    inputs: Sequence[Tensor],
+    first: bool,
+    last: bool,
+    params: Tensor | None,
+) -> None:
+    """Apply ``kernel`` to flat, equally long tensors: compiled when :func:`_use_compiled` says so, else chunked."""
+    numel = state.shape[0]
+    if params is not None:
+        params = params.to(state.device)
+    if _use_compiled(numel, state.device):
+        compiled = _compiled(kernel, first, last, len(inputs))
+        if compiled is not None:
+            try:
+                with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                    compiled(state, base, params, *inputs)
+                return
+            except Exception as exc:  # compilation is an optimisation: any failure falls back to eager
+                _disable_compile(exc)
+    began = time.perf_counter()
+    chunk = CHUNK if state.device.type == "cpu" else max(numel, 1)
+    pool: list[Tensor] = []
+    for lo in range(0, numel, chunk):
+        hi = min(lo + chunk, numel)
+        part = state[lo:hi]
+        kernel(
+            part,
+            None if base is None else base[lo:hi],
+            [x[lo:hi] for x in inputs],
+            Step(first, last, params, lo),
+            Workspace(part, pool),
+        )
+    global _eager_seconds
+    _eager_seconds += time.perf_counter() - began
+
+
+# -- compile policy ----------------------------------------------------------------------------------
+
+_mode: str = os.environ.get("MAGMAX_COMPILE", "auto").strip().lower() or "auto"
+_compile_after_s = float(os.environ.get("MAGMAX_COMPILE_AFTER_S", "30"))
+_eager_seconds = 0.0
+_compile_failed = False
+_compiled_cache: dict[tuple[object, ...], Callable[..., Tensor]] = {}
+# Every group shape (kernel × first/last × arity × dtypes) is one dynamo cache entry of the same entry
+# function; dynamo's default limit of 8 would silently fall back to eager past it.
+_RECOMPILE_LIMIT = 256
+
+
+def set_compile_mode(mode: CompileMode) -> None:
+    """Choose when group kernels are compiled: ``"auto"`` (after enough eager time), ``"always"``, ``"never"``."""
+    global _mode
+    if mode not in _MODES:
+        raise ConfigError(f"compile mode '{mode}' is unknown; choose one of: {', '.join(_MODES)}")
+    _mode = mode
+
+
+def compile_mode() -> str:
+    return _mode
+
+
+def _use_compiled(numel: int, device: torch.device) -> bool:
+    if _mode not in _MODES:
+        raise ConfigError(f"MAGMAX_COMPILE='{_mode}' is unknown; set it to one of: {', '.join(_MODES)}")
+    if _mode == "never" or _compile_failed or numel < MIN_COMPILE_NUMEL:
+        return False
+    if _mode == "auto" and _eager_seconds < _compile_after_s:
+        return False
+    return _compiler_available(device)
+
+
+def _compiler_available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def _disable_compile(exc: Exception) -> None:
+    global _compile_failed
+    _compile_failed = True
+    log.warning("magmax: torch.compile of a merge kernel failed (%s: %s); merging eagerly from now on",
+                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+
+
+def _compiled(kernel: GroupKernel, first: bool, last: bool, arity: int) -> Callable[..., Tensor] | None:
+    key = (kernel, first, last, arity)
+    if key not in _compiled_cache:
+
+        def entry(state: Tensor, base: Tensor | None, params: Tensor | None, *inputs: Tensor) -> Tensor:
+            kernel(state, base, inputs, Step(first, last, params, 0), Workspace(state))
+            return state
+
+        _compiled_cache[key] = torch.compile(entry, dynamic=True, fullgraph=True)
+    return _compiled_cache[key]
