@@ -36,7 +36,7 @@ def list_methods() -> None:
         table.add_row(
             name,
             cls.summary,
-            f"{cls.default_scale:g}",
+            f"{cls(cls.Options()).scale:g}",
             ", ".join(opts) or "-",
             "fold" if cls.foldable else "per tensor",
             cls.reference,

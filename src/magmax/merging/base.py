@@ -93,8 +93,9 @@ class MergeMethod:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     default_scale: ClassVar[float] = 1.0
     foldable: ClassVar[bool] = False
-    uses_task_stats: ClassVar[bool] = False
-    uses_global_reduce: ClassVar[bool] = False
+    # Plain attributes, not ClassVar: a method's options may switch its statistics passes on or off.
+    uses_task_stats: bool = False
+    uses_global_reduce: bool = False
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options if options is not None else self.Options()

@@ -61,7 +61,7 @@ class Dare(MergeMethod):
     def __init__(self, options: MethodOptions | None = None):
         super().__init__(options)
         # Only the TIES combination needs the model-wide majority sign (one extra fold pass in the engine).
-        self.uses_global_reduce = self.options.combine == "ties"  # type: ignore[misc]
+        self.uses_global_reduce = self.options.combine == "ties"
         self._majority: int | None = None
 
     @property

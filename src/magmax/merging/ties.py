@@ -81,7 +81,7 @@ class Ties(MergeMethod):
         super().__init__(options)
         # Only the global threshold needs a statistics pass over each whole task vector; per-tensor
         # thresholds are found inside the fold, so the engine must not read every task vector twice more.
-        self.uses_task_stats = self.options.threshold == "global"  # type: ignore[misc]
+        self.uses_task_stats = self.options.threshold == "global"
         self._thresholds: dict[int, float | None] = {}
         self._majority: int | None = None
 
