@@ -1,1 +1,255 @@
-"""`magmax merge` (work in progress)."""
+"""`magmax merge`: merge fine-tuned checkpoints on disk, out of core, into a new checkpoint.
+
+    magmax merge --method magmax --base BASE FT1 FT2 … -o OUT [--scale 0.5] [--device cpu|cuda]
+                 [--dtype float32|bfloat16|float16] [--option key=value …] [--shard-size 2GB] [--force]
+    magmax merge config.yaml [flags that override the file]
+
+The merge streams tensor by tensor (:class:`magmax.engine.MergeRun` over lazy readers, a sharded writer
+writing as it goes), so memory stays a few copies of the largest tensor whatever the number and size
+of the models. The result equals ``magmax.merge`` on the same state dicts, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import magmax
+from magmax.checkpoints import (
+    AtomicOutput,
+    CheckpointReader,
+    ShardedSafetensorsWriter,
+    copy_model_files,
+    open_checkpoint,
+)
+from magmax.cli import app
+from magmax.engine import MergeRun, MergeStats, TensorMeta
+from magmax.errors import ConfigError
+from magmax.memory import format_bytes, peak_rss_bytes
+from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
+
+ProgressCallback = Callable[[str, int], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``cpu`` / ``cuda`` / ``cuda:N``; CUDA that is not there is a one-line error."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {name}: CUDA is not available to this torch ({torch.__version__}); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; pick another index"
+            )
+    return device
+
+
+class CheckpointMerge:
+    """One configured merge of checkpoint files: opens everything on ``with``, :meth:`run` writes OUT.
+
+    Leaving the ``with`` block closes the readers and, unless :meth:`run` finished, removes every
+    partial output (nothing appears at OUT).
+    """
+
+    def __init__(self, config: MergeConfig):
+        self.config = config
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> CheckpointMerge:
+        config = self.config
+        try:
+            method = config.create_method()
+            device = resolve_device(config.device)
+            self.output = self._stack.enter_context(
+                AtomicOutput(config.output, force=config.force, inputs=[config.base, *config.models])
+            )
+            self.base = self._open(config.base)
+            finetuned = [self._open(path) for path in config.models]
+            self.engine = MergeRun(method, self.base, finetuned, device=device, out_dtype=config.torch_dtype)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _open(self, path: Path) -> CheckpointReader:
+        return self._stack.enter_context(open_checkpoint(path))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.engine.keys)
+
+    def _planned_outputs(self) -> list[tuple[str, TensorMeta]]:
+        # The engine casts merged (floating-point) tensors to out_dtype and copies the rest from the base.
+        out_dtype = self.config.torch_dtype
+        merged = set(self.engine.float_keys)
+        entries = []
+        for key in self.engine.keys:
+            meta = self.base.meta(key)
+            if out_dtype is not None and key in merged:
+                meta = TensorMeta(meta.shape, out_dtype)
+            entries.append((key, meta))
+        return entries
+
+    def _provenance(self) -> str:
+        # Stored in every shard's safetensors metadata (string values only), so the file says how it was made.
+        return json.dumps(
+            {
+                "magmax_version": magmax.__version__,
+                "method": self.config.method,
+                "scale": self.engine.method.scale,
+                "options": self.engine.method.options.model_dump(mode="json", exclude={"scale"}),
+                "base": str(self.config.base),
+                "models": [str(p) for p in self.config.models],
+                "dtype": self.config.dtype,
+            }
+        )
+
+    def run(self, progress: ProgressCallback | None = None) -> MergeStats:
+        config = self.config
+        writer = ShardedSafetensorsWriter(
+            self.output.folder,
+            self._planned_outputs(),
+            max_shard_bytes=None if config.single_file else config.shard_size,
+            metadata={"magmax_merge": self._provenance()},
+        )
+        try:
+            stats = self.engine.run(writer, progress)
+            writer.close()
+        finally:
+            writer.abort()
+        if self.base.model_folder is not None and not config.single_file:
+            copy_model_files(self.base.model_folder, self.output.folder)
+        self.output.commit()
+        return stats
+
+
+def merge_checkpoints(config: MergeConfig, progress: ProgressCallback | None = None) -> MergeStats:
+    """Run the merge ``config`` describes (Python entry point of `magmax merge`)."""
+    with CheckpointMerge(config) as merge:
+        return merge.run(progress)
+
+
+def _config_from_cli(inputs: list[str], flags: dict[str, Any], options: list[str]) -> MergeConfig:
+    values: dict[str, Any] = {}
+    source = "magmax merge"
+    if inputs and Path(inputs[0]).suffix.lower() in (".yaml", ".yml"):
+        source = inputs[0]
+        if len(inputs) > 1:
+            raise ConfigError(
+                f"{inputs[0]}: give the fine-tuned models in the config file (models:), not also on the command line"
+            )
+        values = read_merge_yaml(Path(inputs[0]))
+    elif inputs:
+        values["models"] = inputs
+    # Flags given on the command line override the file.
+    values.update({key: value for key, value in flags.items() if value is not None})
+    if options:
+        file_options = values.get("options") or {}
+        if not isinstance(file_options, dict):
+            raise ConfigError(f"{source}: 'options' must be a mapping of option names to values")
+        values["options"] = {**file_options, **dict(parse_option(text) for text in options)}
+    return build_merge_config(values, source)
+
+
+def _help(field: str) -> str:
+    return MergeConfig.model_fields[field].description or ""
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+@app.command("merge")
+def merge_command(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="fine-tuned checkpoints FT1 FT2 …, or one YAML config file",
+            metavar="FT… | CONFIG.yaml",
+            show_default=False,
+        ),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", "-m", help=_help("method"), metavar="NAME", show_default=False)
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", "-b", help=_help("base"), metavar="PATH", show_default=False)
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help=_help("output"), metavar="OUT", show_default=False)
+    ] = None,
+    scale: Annotated[
+        str | None, typer.Option("--scale", help=_help("scale"), metavar="FLOAT", show_default=False)
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help=_help("device"), metavar="DEVICE", show_default=False)
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help=_help("dtype"), metavar="DTYPE", show_default=False)
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="method option key=value (value read as YAML), repeatable",
+            metavar="KEY=VALUE",
+            show_default=False,
+        ),
+    ] = None,
+    shard_size: Annotated[
+        str | None, typer.Option("--shard-size", help=_help("shard_size"), metavar="SIZE", show_default=False)
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+) -> None:
+    """Merge fine-tuned checkpoints onto their base, tensor by tensor, into OUT."""
+    # Values stay strings here: the one pydantic model parses and validates them, for YAML and CLI alike.
+    flags = {
+        "method": method,
+        "base": base,
+        "output": output,
+        "scale": scale,
+        "device": device,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "force": True if force else None,
+    }
+    config = _config_from_cli(inputs or [], flags, option or [])
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    with CheckpointMerge(config) as merge:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        # In a pipe or a log the bar would only add noise: it shows on terminals only.
+        with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as bar:
+            task = bar.add_task(f"merging with {config.method}", total=merge.tensor_count)
+            stats = merge.run(lambda key, numel: bar.advance(task))
+        method = merge.engine.method
+    seconds = time.perf_counter() - start
+    typer.echo(
+        f"merged {stats.tensors} tensors ({_count(stats.parameters)} parameters, "
+        f"{_count(stats.merged_parameters)} merged) "
+        f"of {len(config.models)} fine-tuned model(s) with {config.method} (λ={method.scale:g}) in {seconds:.1f} s, "
+        f"peak RSS {format_bytes(peak_rss_bytes())} → {config.output}"
+    )

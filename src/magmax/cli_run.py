@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from magmax.cli import app
@@ -25,7 +26,7 @@ class RichHooks:
         self.bar: int | None = None
 
     def on_phase(self, text: str) -> None:
-        self.progress.console.print(f"[bold]{text}[/]")
+        self.progress.console.print(f"[bold]{escape(text)}[/]")
 
     def on_task_start(self, stream: str, task, index: int) -> None:
         if self.bar is not None:

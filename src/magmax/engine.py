@@ -142,10 +142,13 @@ class MergeRun:
         """τ_1..τ_T of one tensor, each computed when indexed (θ0[key] loaded once)."""
         base_tensor = self._load(self.base, -1, key) if base_tensor is None else base_tensor
 
-        def load(t: int) -> Tensor:
-            return task_vector_tensor(base_tensor, self._load(self.finetuned[t], t, key))
+        def finetuned(t: int) -> Tensor:
+            return self._load(self.finetuned[t], t, key)
 
-        return TaskSlices(key, len(self.finetuned), load)
+        def load(t: int) -> Tensor:
+            return task_vector_tensor(base_tensor, finetuned(t))
+
+        return TaskSlices(key, len(self.finetuned), load, base=base_tensor, finetuned=finetuned)
 
     def task_stream(self, t: int) -> Callable[[], Iterator[tuple[str, Tensor]]]:
         def stream() -> Iterator[tuple[str, Tensor]]:

@@ -77,17 +77,18 @@ class Workspace:
     """Scratch buffers of one chunk's length: reused from a pool eagerly, fresh when compiled (there
     inductor fuses them away). A kernel takes each buffer it needs once per call, by dtype."""
 
-    def __init__(self, like: Tensor, pool: list[Tensor] | None = None):
+    def __init__(self, like: Tensor, pool: list[Tensor] | None = None, capacity: int = CHUNK):
         self.numel = like.shape[0]
         self.device = like.device
         self._pool = pool
+        self._capacity = capacity  # elements of the largest chunk the pool serves
         self._taken = 0
 
     def buffer(self, dtype: torch.dtype) -> Tensor:
         if self._pool is None:
             return torch.empty(self.numel, dtype=dtype, device=self.device)
         if self._taken == len(self._pool):
-            self._pool.append(torch.empty(CHUNK * 8, dtype=torch.uint8, device=self.device))
+            self._pool.append(torch.empty(self._capacity * 8, dtype=torch.uint8, device=self.device))
         raw = self._pool[self._taken]
         self._taken += 1
         return raw.view(dtype)[: self.numel]
@@ -151,11 +152,12 @@ def fold_operands(
     """The fold of ``count`` inputs (``operands(t)`` = (x_t, θ0 or None)) as a new float32 tensor of x's shape."""
     if count < 1:
         raise ValueError("a fold needs at least one input")
-    first_x, _ = operands(0)
+    first = operands(0)
+    first_x = first[0]
     state = torch.empty(first_x.numel(), dtype=_F32, device=first_x.device)
     for start in range(0, count, GROUP):
         stop = min(start + GROUP, count)
-        pairs = [operands(t) for t in range(start, stop)]
+        pairs = [first if t == 0 else operands(t) for t in range(start, stop)]
         base = pairs[0][1]
         xs = [x.reshape(-1) for x, _ in pairs]
         rows = params(start, stop - start, count) if params is not None else None
@@ -205,7 +207,7 @@ def run_group(
             None if base is None else base[lo:hi],
             [x[lo:hi] for x in inputs],
             Step(first, last, params, lo),
-            Workspace(part, pool),
+            Workspace(part, pool, chunk),
         )
     global _eager_seconds
     _eager_seconds += time.perf_counter() - began

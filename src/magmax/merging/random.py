@@ -10,9 +10,12 @@ tensor order, the same in the batch and the streaming fold, and the same on CPU 
 How it computes (:func:`random_kernel`), for task t (0-based) and parameter index i, in int64 holding
 32-bit values (no product exceeds 2^63):
 
-    h = mix((i·0x61C88647 + k_t) mod 2^32),  k_t = crc32(seed, tensor name, t)  (``seed_for``)
-    mix(x) = xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16
+    x = (i·0x61C88647 mod 2^32) + k_t,       k_t = crc32(seed, tensor name, t) < 2^31  (``seed_for``)
+    h = (·0x45D9F3B mod 2^32) ∘ xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16 (x),   xorshift16(y) = y ^ (y >> 16)
     replace iff h < ⌈2^32/(t+1)⌉                (probability 1/(t+1) up to 2^-32; always at t = 0)
+
+(the two multiply–xorshift rounds of the well-known 0x45D9F3B integer hash; its final xorshift is left
+out because the threshold test reads the high bits, which the last multiplication has already mixed)
 
 and the selection is made on the bit patterns (``best ^= (best ^ τ_t) & take``), as in MagMax.
 Marczak et al., MagMax, ECCV 2024 (the "Random" baseline).
@@ -65,11 +68,10 @@ def random_kernel(
     scratch = ws.buffer(torch.float32)
     for j in range(start, len(inputs)):
         cur = _fused.tau_of(scratch, inputs[j], base32).view(torch.int32)
-        torch.add(spread, step.params[j, 0], out=h).bitwise_and_(_LOW32)
+        torch.add(spread, step.params[j, 0], out=h)
         for _ in range(2):
             _xorshift16(h, tmp)
             h.mul_(_MIX).bitwise_and_(_LOW32)
-        _xorshift16(h, tmp)
         # keep = −1 where h > thr − 1 (the entry stays), 0 where τ_t replaces it
         torch.sub(step.params[j, 1], h, out=tmp).bitwise_right_shift_(63)
         keep.copy_(tmp)

@@ -105,6 +105,7 @@ def finetune(
         raise TrainingError(f"task {task.index + 1} ('{task.name}') has no training samples; check the data and the class split")
     total = steps_per_task(len(data), cfg.batch_size, cfg.epochs, cfg.steps)
     torch.manual_seed(seed)
+    backbone.seed_augmentation(seed)
     generator = torch.Generator().manual_seed(seed)
     encoder = backbone.encoder
     params = [p for p in encoder.parameters() if p.requires_grad]
