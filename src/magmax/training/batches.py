@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,3 +46,28 @@ def concat_items(parts: Sequence[Sequence]) -> Sequence:
         return np.concatenate(parts)
     joined = [x for p in parts for x in p]
     return type(parts[0])(joined) if type(parts[0]) is not list else joined
+
+
+T = TypeVar("T")
+
+
+def prefetch(jobs: Iterable[T], prepare: Callable[[T], Any], workers: int) -> Iterator[tuple[T, Any]]:
+    """(job, prepare(job)) in order, with up to 2·workers jobs prepared ahead in threads.
+
+    Decoding and resizing release the GIL, so threads keep an accelerator fed without the pickling
+    and start-up cost of worker processes. ``workers = 0`` prepares in the calling thread.
+    """
+    if workers <= 0:
+        for job in jobs:
+            yield job, prepare(job)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="magmax-data") as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append((job, pool.submit(prepare, job)))
+            if len(pending) > 2 * workers:
+                done_job, future = pending.popleft()
+                yield done_job, future.result()
+        while pending:
+            done_job, future = pending.popleft()
+            yield done_job, future.result()

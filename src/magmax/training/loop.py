@@ -23,7 +23,7 @@ from magmax.config import TrainConfig
 from magmax.errors import TrainingError
 from magmax.models.base import Backbone
 from magmax.scenarios import Task
-from magmax.training.batches import batch_indices, steps_per_task, take
+from magmax.training.batches import batch_indices, prefetch, steps_per_task, take
 from magmax.training.regularizers import Regularizer
 from magmax.training.schedule import warmup_cosine_lr
 
@@ -63,6 +63,22 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def pin_batch(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
+def slice_batch(batch: Any, rows: slice) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[rows]
+    if isinstance(batch, dict):
+        return {k: v[rows] for k, v in batch.items()}
     return batch
 
 
@@ -117,24 +133,36 @@ def finetune(
         regularizer.before_task(ctx)
     backbone.train()
     micro = cfg.batch_size // cfg.grad_accum
-    for step, idx in enumerate(batch_indices(len(data), cfg.batch_size, total, generator)):
+    pin = device.type == "cuda"
+    features_fn = torch.compile(backbone.features) if cfg.compile else backbone.features
+
+    def prepare(job: tuple[int, np.ndarray]) -> Any:
+        # Each step draws its crops from its own generator, so the result does not depend on how many
+        # threads prepare batches, in which order they finish, or how the step is split (grad_accum).
+        step, idx = job
+        crops = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        batch = backbone.prepare(take(data.items, idx), train=True, generator=crops)
+        return pin_batch(batch) if pin else batch
+
+    jobs = enumerate(batch_indices(len(data), cfg.batch_size, total, generator))
+    for (step, idx), full_batch in prefetch(jobs, prepare, cfg.num_workers):
         lr = warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         for start in range(0, len(idx), micro):
-            chunk = idx[start : start + micro]
-            batch = to_device(backbone.prepare(take(data.items, chunk), train=True), device)
-            y = torch.as_tensor(targets[chunk], dtype=torch.long, device=device)
+            chunk = slice(start, start + micro)
+            batch = to_device(slice_batch(full_batch, chunk), device)
+            y = torch.as_tensor(targets[idx[chunk]], dtype=torch.long).to(device, non_blocking=True)
             with autocast():
-                features = backbone.features(batch)
+                features = features_fn(batch)
                 loss = F.cross_entropy(logits_of(backbone, features, head), y)
                 if regularizer is not None:
                     extra = regularizer.penalty(ctx, features, batch)
                     if extra is not None:
                         loss = loss + extra
-            weight = len(chunk) / len(idx)
+            weight = len(y) / len(idx)
             (loss * weight).backward()
             loss_value += float(loss.detach()) * weight
         if not math.isfinite(loss_value):
