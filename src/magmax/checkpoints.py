@@ -631,8 +631,8 @@ class AtomicOutput:
             )
         try:
             # Folders made for OUT's parent are removed again if the merge fails.
-            self._made = [p for p in reversed(self.out.parent.absolute().parents) if not p.exists()]
-            self._made += [self.out.parent.absolute()] if not self.out.parent.exists() else []
+            parent = self.out.parent.absolute()
+            self._made = [p for p in (*reversed(parent.parents), parent) if not p.exists()]
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.folder = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
         except OSError as exc:

@@ -188,14 +188,12 @@ def run_group(
     if params is not None:
         params = params.to(state.device)
     if _use_compiled(numel, state.device):
-        compiled = _compiled(kernel, first, last, len(inputs))
-        if compiled is not None:
-            try:
-                with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                    compiled(state, base, params, *inputs)
-                return
-            except Exception as exc:  # compilation is an optimisation: any failure falls back to eager
-                _disable_compile(exc)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                _compiled(kernel, first, last, len(inputs))(state, base, params, *inputs)
+            return
+        except Exception as exc:  # compiling is an optimisation: any failure falls back to eager, for good
+            _disable_compile(exc)
     began = time.perf_counter()
     chunk = CHUNK if state.device.type == "cpu" else max(numel, 1)
     pool: list[Tensor] = []
@@ -266,7 +264,7 @@ def _disable_compile(exc: Exception) -> None:
                 type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
 
-def _compiled(kernel: GroupKernel, first: bool, last: bool, arity: int) -> Callable[..., Tensor] | None:
+def _compiled(kernel: GroupKernel, first: bool, last: bool, arity: int) -> Callable[..., Tensor]:
     key = (kernel, first, last, arity)
     if key not in _compiled_cache:
 

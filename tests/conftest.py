@@ -1,0 +1,19 @@
+"""Shared test setup. Tiny models come from ``tests/helpers.py`` (``import helpers``)."""
+
+from __future__ import annotations
+
+import os
+
+# Merge kernels may switch to torch.compile after enough eager time (magmax.merging._fused, mode "auto");
+# a test run must never pay a compile by accident. Tests that exercise compiling set the mode themselves.
+os.environ.setdefault("MAGMAX_COMPILE", "never")
+
+import pytest  # noqa: E402
+
+from magmax.merging import _fused  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _compile_mode_from_env():
+    """Every test starts in the session's compile mode, whatever an earlier test set."""
+    _fused.set_compile_mode(os.environ["MAGMAX_COMPILE"])  # type: ignore[arg-type]
