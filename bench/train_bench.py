@@ -26,17 +26,21 @@ Rows, all measured in the same run on the same device:
   folder of JPEG files read by ``magmax.data.load_dataset("imagefolder")``: each batch is decoded and
   randomly cropped to 224 px by ``magmax.models.preprocess`` (the backbone's ``prepare``), prepared ahead
   by ``magmax.training.batches.prefetch`` in ``--threads`` threads and pinned on CUDA.
+* **JPEG loading only**: that data path with no training step — the ceiling of the JPEG rows here.
 
 Timing. Synthetic rows: ``--warmup`` untimed steps (compilation included), then ``--steps`` steps, each
 ended by ``torch.cuda.synchronize`` on CUDA; img/s = batch / median step time. JPEG rows: a warm-up call
 of ``finetune`` (compilation, page cache), then a timed call of ``--data-steps`` steps. Prepared batches
 arrive in bursts (each thread prepares a whole batch) and the prefetch queue fills up ahead of a slow
 consumer, so a median step would hide waits for data: img/s is the rate over the SECOND half of the
-timed steps (images over wall time, synchronised), when the queue has settled; "from start" is every
-image of the call over its whole wall time, start-up and the first batch's preparation included — a
-lower bound. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak
-resident set during the row (``VmHWM``, reset through ``/proc/self/clear_refs`` before each row).
-"""
+timed steps (images over wall time, synchronised at both ends only, so steps overlap as in training),
+when the queue has settled; "from start" is every image of the call over its whole wall time, start-up
+and the first batch's preparation included — a lower bound. A folder whose size is not a multiple of the
+batch gives a short last batch per epoch, which ``torch.compile`` recompiles for once (``--make-jpegs``
+rounds up to whole batches to keep that out of the window).
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak resident set during
+the row (``VmHWM``, reset through ``/proc/self/clear_refs`` before each row)."""
 
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from magmax.config import TrainConfig
 from magmax.data import load_dataset
@@ -66,8 +71,8 @@ from magmax.models.base import Backbone
 from magmax.models.clip_hf import CLIPVisionEncoder
 from magmax.models.preprocess import ImageTransform
 from magmax.scenarios import Task
-from magmax.training.batches import batch_indices
-from magmax.training.loop import StepInfo, autocast_for, finetune, logits_of, make_optimizer
+from magmax.training.batches import batch_indices, prefetch, take
+from magmax.training.loop import StepInfo, autocast_for, finetune, logits_of, make_optimizer, pin_batch
 
 NUM_CLASSES = 100
 LOGIT_SCALE = 100.0
@@ -78,10 +83,8 @@ PHOTO_SIZE = (500, 375)  # width, height: a typical ImageNet photo
 # -- model ---------------------------------------------------------------------------------------------
 
 
-def vision_config(tiny: bool):
+def vision_config(tiny: bool) -> CLIPVisionConfig:
     """ViT-B/16 as in openai/clip-vit-base-patch16, or a 2-layer tower of width 64 with the same patching."""
-    from transformers import CLIPVisionConfig
-
     if tiny:
         return CLIPVisionConfig(
             hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -93,10 +96,8 @@ def vision_config(tiny: bool):
     )  # fmt: skip
 
 
-def build_vision_model(config, device: torch.device, seed: int = 0) -> torch.nn.Module:
+def build_vision_model(config: CLIPVisionConfig, device: torch.device, seed: int = 0) -> CLIPVisionModelWithProjection:
     """A random-init ``CLIPVisionModelWithProjection``; the same seed gives every row the same weights."""
-    from transformers import CLIPVisionModelWithProjection
-
     torch.manual_seed(seed)
     return CLIPVisionModelWithProjection(config).to(device).train()
 
@@ -201,14 +202,14 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
     return seconds
 
 
-def synthetic_batch(config, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def synthetic_batch(config: CLIPVisionConfig, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(batch, 3, config.image_size, config.image_size, generator=generator)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     return x.to(device), y.to(device)
 
 
-def reference_row(config, batch: int, steps: int, warmup: int, device: torch.device) -> Row:
+def reference_row(config: CLIPVisionConfig, batch: int, steps: int, warmup: int, device: torch.device) -> Row:
     """The reference's step: fp32, plain AdamW (foreach on CUDA), the loss read every step for logging."""
     reset_peak_memory(device)
     model = build_vision_model(config, device)
@@ -234,7 +235,9 @@ def reference_row(config, batch: int, steps: int, warmup: int, device: torch.dev
     return row
 
 
-def ours_row(config, cfg: TrainConfig, compiled: bool, steps: int, warmup: int, device: torch.device) -> Row:
+def ours_row(
+    config: CLIPVisionConfig, cfg: TrainConfig, compiled: bool, steps: int, warmup: int, device: torch.device
+) -> Row:
     """``finetune``'s step on a batch already on the device, built from the product's functions."""
     reset_peak_memory(device)
     backbone = VisionTowerBackbone(build_vision_model(config, device), config.image_size)
@@ -303,7 +306,13 @@ def images_per_step(num_samples: int, batch: int, steps: int, seed: int) -> list
 
 
 def jpeg_row(
-    config, cfg: TrainConfig, task: Task, compiled: bool, data_steps: int, warmup: int, device: torch.device
+    config: CLIPVisionConfig,
+    cfg: TrainConfig,
+    task: Task,
+    compiled: bool,
+    data_steps: int,
+    warmup: int,
+    device: torch.device,
 ) -> Row:
     """``finetune`` itself: warm-up call, then a timed call whose step ends are taken in ``on_step``."""
     reset_peak_memory(device)
@@ -312,10 +321,14 @@ def jpeg_row(
     run_cfg = cfg.model_copy(update={"compile": compiled, "warmup_steps": 0})
     if warmup > 0:
         finetune(backbone, task, head, run_cfg.model_copy(update={"steps": warmup}), seed=0, device=device)
+    half = data_steps // 2
     ends: list[float] = []
 
-    def on_step(_: StepInfo) -> None:
-        synchronize(device)
+    def on_step(info: StepInfo) -> None:
+        # Synchronise only where the window opens and closes, so the loop overlaps steps as in training
+        # (finetune reads the loss every step, which already keeps the other timestamps near step ends).
+        if info.step in (half - 1, data_steps - 1):
+            synchronize(device)
         ends.append(time.perf_counter())
 
     synchronize(device)
@@ -323,12 +336,41 @@ def jpeg_row(
     timed_cfg = run_cfg.model_copy(update={"steps": data_steps})
     finetune(backbone, task, head, timed_cfg, seed=1, device=device, on_step=on_step)
     sizes = images_per_step(len(task.train), cfg.batch_size, data_steps, seed=1)
-    half = data_steps // 2
     name = "ours + compile + JPEG folder" if compiled else "ours + JPEG folder"
     data = f"JPEG files, {cfg.num_workers} threads" + (", pinned" if device.type == "cuda" else "")
     row = Row(name, data, precision_label(cfg.precision, device), optimizer_label(device), compiled)
     row.step_seconds = list(np.diff([start, *ends]))
-    row.images_per_s = sum(sizes[half:]) / (ends[-1] - ends[half - 1]) if half > 0 else sum(sizes) / (ends[-1] - start)
+    window_start = ends[half - 1] if half > 0 else start
+    row.images_per_s = sum(sizes[half:]) / (ends[-1] - window_start)
+    row.from_start_per_s = sum(sizes) / (ends[-1] - start)
+    row.peak_bytes = peak_memory(device)
+    return row
+
+
+def loading_row(task: Task, cfg: TrainConfig, image_size: int, data_steps: int, device: torch.device) -> Row:
+    """The data path alone — the same files, crops, threads and pinning as ``finetune``, no training step:
+    the ceiling the JPEG rows can reach on this machine."""
+    reset_peak_memory(device)
+    transform = ImageTransform(size=image_size)
+    pin = device.type == "cuda"
+
+    def prepare(job: tuple[int, np.ndarray]) -> Tensor:
+        step, idx = job
+        crops = torch.Generator().manual_seed(step)
+        batch = transform(take(task.train.items, idx), True, crops)
+        return pin_batch(batch) if pin else batch
+
+    indices = list(batch_indices(len(task.train), cfg.batch_size, data_steps, torch.Generator().manual_seed(1)))
+    half = data_steps // 2
+    start = time.perf_counter()
+    ends = []
+    for _ in prefetch(enumerate(indices), prepare, cfg.num_workers):
+        ends.append(time.perf_counter())
+    sizes = [len(idx) for idx in indices]
+    data = f"JPEG files, {cfg.num_workers} threads" + (", pinned" if pin else "")
+    row = Row("JPEG loading only (no step)", data, "—", "—", False)
+    row.step_seconds = list(np.diff([start, *ends]))
+    row.images_per_s = sum(sizes[half:]) / (ends[-1] - (ends[half - 1] if half > 0 else start))
     row.from_start_per_s = sum(sizes) / (ends[-1] - start)
     row.peak_bytes = peak_memory(device)
     return row
@@ -361,7 +403,9 @@ def machine_name(device: torch.device) -> str:
 def render(rows: Sequence[Row], header: Sequence[str]) -> str:
     reference = next((r for r in rows if r.name == "reference fp32"), None)
     lines = [*header, ""]
-    lines.append("| row | data | precision | optimizer | img/s | × fp32 | step ms: median [min–max] | from start img/s | peak memory |")
+    columns = ("row", "data", "precision", "optimizer", "img/s", "× fp32", "step ms: median [min–max]",
+               "from start img/s", "peak memory")  # fmt: skip
+    lines.append("| " + " | ".join(columns) + " |")
     lines.append("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r.images_per_s / reference.images_per_s:.2f}×" if reference else "—"
@@ -388,10 +432,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--data-steps", type=int, default=None, help="timed steps of a JPEG row (default: steps + 4·threads)")
     add("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="ours: train.precision")
     add("--threads", type=int, default=os.cpu_count() or 1, help="data-preparation threads (train.num_workers)")
-    add("--torch-threads", type=int, default=None,
-        help="torch intra-op threads (default: torch's choice; 1 on a shared CPU avoids OpenMP spin-waits)")  # fmt: skip
-    add("--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="add torch.compile rows (default: on for CUDA, off for CPU)")  # fmt: skip
+    add("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile rows (default: on CUDA)")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--jpeg-dir", type=Path, help="an image folder (root/train/<class>/, root/test/<class>/)")
     data.add_argument("--make-jpegs", type=int, metavar="N",
@@ -408,9 +450,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def describe_run(args: argparse.Namespace, config, device: torch.device, data_steps: int, compiled: bool) -> list[str]:
+def describe_run(
+    args: argparse.Namespace, config: CLIPVisionConfig, device: torch.device, data_steps: int, compiled: bool
+) -> list[str]:
     """The lines above the table: what ran, where, when."""
-    import transformers
+    import transformers  # for its version
 
     probe = build_vision_model(config, torch.device("cpu"))
     n_params = sum(p.numel() for p in probe.parameters())
@@ -424,8 +468,8 @@ def describe_run(args: argparse.Namespace, config, device: torch.device, data_st
         f"machine: {machine_name(device)}; torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), "
         f"transformers {transformers.__version__}; {now}",
         f"batch {args.batch}, {NUM_CLASSES}-class head (JPEG rows: the folder's classes); synthetic rows: "
-        f"{args.warmup} warm-up + {args.steps} timed steps (img/s = batch / median step); JPEG rows: warm-up "
-        f"call of {args.warmup} steps, then {data_steps} timed steps (img/s over the second half)",
+        f"{args.warmup} warm-up + {args.steps} timed steps (img/s = batch / median step); JPEG rows: a warm-up "
+        f"call of {args.warmup} step(s), then {data_steps} timed steps (img/s over the second half)",
     ]
     if not compiled:
         why = "CPU: pass --compile to add them" if device.type == "cpu" else "--no-compile"
@@ -434,7 +478,7 @@ def describe_run(args: argparse.Namespace, config, device: torch.device, data_st
 
 
 def jpeg_folder(args: argparse.Namespace, scratch: Path) -> tuple[Path, str]:
-    """The folder the JPEG rows read, generated in ``scratch`` unless ``--jpeg-dir`` names one; and its description."""
+    """The folder the JPEG rows read (made in ``scratch`` unless ``--jpeg-dir`` names one), and its description."""
     if args.jpeg_dir is not None:
         return args.jpeg_dir, f"JPEG folder: {args.jpeg_dir}"
     # whole batches only: a short last batch would make torch.compile recompile for its shape
@@ -470,15 +514,18 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    add(lambda: reference_row(config, args.batch, args.steps, args.warmup, device))
-    add(lambda: ours_row(config, cfg, False, args.steps, args.warmup, device))
-    if compiled:
-        add(lambda: ours_row(config, cfg, True, args.steps, args.warmup, device), compiles=True)
-    if not args.no_jpeg:
-        with tempfile.TemporaryDirectory(prefix="magmax-jpegs-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="magmax-jpegs-") as scratch:
+        task = None
+        if not args.no_jpeg:  # read (or make) the folder first: a bad --jpeg-dir fails before any timing
             root, described = jpeg_folder(args, Path(scratch))
             header.append(described)
             task = jpeg_task(root)
+        add(lambda: reference_row(config, args.batch, args.steps, args.warmup, device))
+        add(lambda: ours_row(config, cfg, False, args.steps, args.warmup, device))
+        if compiled:
+            add(lambda: ours_row(config, cfg, True, args.steps, args.warmup, device), compiles=True)
+        if task is not None:
+            add(lambda: loading_row(task, cfg, config.image_size, data_steps, device))
             add(lambda: jpeg_row(config, cfg, task, False, data_steps, args.warmup, device))
             if compiled:
                 add(lambda: jpeg_row(config, cfg, task, True, data_steps, args.warmup, device), compiles=True)
