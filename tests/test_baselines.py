@@ -52,11 +52,11 @@ def test_ewc_penalty_zero_at_old_params_and_grows_with_fisher():
     layer = torch.nn.Linear(4, 3)
     old = {n: p.detach().clone() for n, p in layer.named_parameters()}
     fisher = {n: torch.rand_like(p) for n, p in layer.named_parameters()}
-    assert float(ewc_penalty(layer, fisher, old)) == 0.0
+    assert float(ewc_penalty(layer, fisher, old).detach()) == 0.0
     with torch.no_grad():
         layer.weight.add_(0.1)
-    small = float(ewc_penalty(layer, fisher, old))
-    big = float(ewc_penalty(layer, {n: 10 * f for n, f in fisher.items()}, old))
+    small = float(ewc_penalty(layer, fisher, old).detach())
+    big = float(ewc_penalty(layer, {n: 10 * f for n, f in fisher.items()}, old).detach())
     expected = float((fisher["weight"] * 0.01).sum() / 2)
     assert small == pytest.approx(expected, rel=1e-5)
     assert big == pytest.approx(10 * small, rel=1e-5)
