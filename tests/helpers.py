@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-# A linear layer, a conv kernel, a bias, a 0-d scalar, an empty tensor, one tensor of several eager
-# chunks (magmax.merging._fused.CHUNK = 32768) with a ragged end, and the two buffer kinds that are
+# A linear layer, a conv kernel, a bias, a 0-d scalar, an empty tensor, one tensor of two eager chunks
+# (magmax.merging._fused.CHUNK = 32768) with a ragged end, and the two buffer kinds that are
 # never merged.
 SHAPES: dict[str, tuple[int, ...]] = {
     "layer.weight": (7, 5),
@@ -16,7 +16,7 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "layer.bias": (7,),
     "logit_scale": (),
     "empty": (0, 3),
-    "big": (70_001,),
+    "big": (40_001,),
 }
 SMALL_SHAPES: dict[str, tuple[int, ...]] = {k: v for k, v in SHAPES.items() if k != "big"}
 

@@ -81,7 +81,7 @@ def streaming_task_vector(name: str, taus: list[dict[str, Tensor]], **options) -
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_magmax_is_the_reference_fold_bit_for_bit(dtype):
-    # T = 11 spans two kernel groups (GROUP = 8) and "big" spans three eager chunks with a ragged end;
+    # T = 11 spans two kernel groups (GROUP = 8) and "big" spans two eager chunks with a ragged end;
     # quantised deltas plant many ties, zeros and sign flips.
     base = make_state_dict(1, SHAPES, dtype)
     finetuned = make_finetuned(base, 11, seed=2, quantum=0.25)
@@ -118,7 +118,7 @@ def test_magmax_reverse_order_picks_the_other_tied_sign():
     assert bitwise_equal(backward, torch.tensor([2.0, -0.0, 4.0]))
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_average_is_the_left_to_right_mean(dtype):
     base = make_state_dict(3, SHAPES, dtype)
     finetuned = make_finetuned(base, 10, seed=4)
@@ -132,7 +132,7 @@ def test_average_is_the_left_to_right_mean(dtype):
     # λ = 1 gives the mean of the fine-tuned weights
     mean_weights = {k: torch.stack([ft[k].double() for ft in finetuned]).mean(0) for k in taus[0]}
     for key in taus[0]:
-        tol = {torch.float32: 1e-5, torch.float64: 1e-5}.get(dtype, 2e-2)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[key].double(), mean_weights[key], rtol=tol, atol=tol)
 
 
@@ -188,11 +188,10 @@ def test_random_entries_are_inputs_and_do_not_depend_on_tensor_order():
 CHI2_999 = {4: 18.467, 11: 31.264}
 
 
-@pytest.mark.parametrize(("count", "seed"), [(5, 0), (12, 1)])
-def test_random_is_uniform_over_tasks(count, seed):
+@pytest.mark.parametrize(("count", "n", "seed"), [(5, 100_000, 0), (12, 120_000, 1)])
+def test_random_is_uniform_over_tasks(count, n, seed):
     # Fixed seeds: the counts are the same on every run, so this cannot flake; a biased choice (e.g.
     # the reservoir's 1/(t+1) off, or a group boundary at t = 8 mishandled) lands far above the bound.
-    n = 10_000 * count
     taus = _distinct_tasks(count, n, seed=100 + seed)
     merged = create_method("random", seed=seed).merge_tensor("w", TaskSlices.from_list("w", taus))
     counts = torch.bincount(_chosen_task(merged), minlength=count).double()
@@ -363,7 +362,8 @@ def test_batch_kernel_reads_each_slice_once_in_order():
 @pytest.mark.parametrize("chunk", [777, 1 << 20])
 def test_results_do_not_depend_on_the_eager_chunk_size(monkeypatch, chunk):
     # 1 << 20 exceeds every tensor: one chunk per tensor, as on CUDA; 777 splits even the small ones.
-    base = make_state_dict(25, SHAPES, torch.bfloat16)
+    # (Tensors stay under ATen's 32768-element grain: whole-tensor ops then need no OpenMP hand-off.)
+    base = make_state_dict(25, {**SMALL_SHAPES, "mid": (3001,)}, torch.bfloat16)
     finetuned = make_finetuned(base, 10, seed=26, quantum=0.25)
     want = {name: magmax.merge(name, base, finetuned) for name in CORE}
     monkeypatch.setattr(_fused, "CHUNK", chunk)
@@ -381,7 +381,7 @@ def test_compile_mode_is_validated():
 def test_compiled_kernels_equal_eager_kernels_bit_for_bit(dtype):
     # torch.compile of every core kernel (10–60 s cold): group shapes first/middle/last, with and without
     # a base operand, against the eager chunks.
-    base = {"big": make_state_dict(23, {"big": (70_001,)}, dtype, buffers=False)["big"]}
+    base = {"big": make_state_dict(23, {"big": (70_001,)}, dtype, buffers=False)["big"]}  # > MIN_COMPILE_NUMEL
     finetuned = make_finetuned(base, 11, seed=24, quantum=0.25)
     taus = task_vectors(base, finetuned)
     results = {}

@@ -128,6 +128,7 @@ class MergeRun:
         self.check_values = check_values
         self.keys = base.keys()
         self.float_keys = [k for k in self.keys if is_mergeable(base.meta(k).dtype)]
+        self._float_key_set = set(self.float_keys)
         self._checked: set[tuple[int, str]] = set()
 
     # -- loading -------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class MergeRun:
         scale = self.method.scale
         for key in self.keys:
             base_tensor = self._load(self.base, -1, key)
-            if key in self.float_keys:
+            if key in self._float_key_set:
                 tau = self.method.merge_tensor(key, self.slices(key, base_tensor))
                 yield key, combine(base_tensor, tau, scale, self.out_dtype).cpu()
             else:
@@ -186,7 +187,7 @@ class MergeRun:
             writer.write(key, tensor)
             stats.tensors += 1
             stats.parameters += tensor.numel()
-            if key in self.float_keys:
+            if key in self._float_key_set:
                 stats.merged_parameters += tensor.numel()
             if progress is not None:
                 progress(key, tensor.numel())

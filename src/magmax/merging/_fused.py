@@ -7,8 +7,9 @@ once, write the result once). Here a method writes its fold as a *group kernel*
 :data:`GROUP` inputs, forming each τ_t itself from the raw tensors (``TaskSlices.operands``), with
 ``out=`` / in-place torch ops on scratch buffers taken from ``ws``. This module runs a group kernel
 
-* eagerly over cache-sized chunks: the state chunk and the scratch stay in cache, so each input is read
-  from memory once and the state is written once per group; or
+* eagerly over cache-sized chunks, spread over ``torch.get_num_threads()`` threads: the state chunk and
+  the scratch stay in cache, so each input is read from memory once and the state is written once per
+  group; or
 * under ``torch.compile`` over the whole flattened tensor, where inductor turns the group into one loop
   that reads each input once and writes the state once (scratch buffers are fused away).
 
@@ -29,6 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -152,17 +154,20 @@ def fold_operands(
     """The fold of ``count`` inputs (``operands(t)`` = (x_t, θ0 or None)) as a new float32 tensor of x's shape."""
     if count < 1:
         raise ValueError("a fold needs at least one input")
-    first = operands(0)
-    first_x = first[0]
-    state = torch.empty(first_x.numel(), dtype=_F32, device=first_x.device)
+    first: tuple[Tensor, Tensor | None] | None = operands(0)
+    shape = first[0].shape
+    state = torch.empty(first[0].numel(), dtype=_F32, device=first[0].device)
     for start in range(0, count, GROUP):
         stop = min(start + GROUP, count)
-        pairs = [first if t == 0 else operands(t) for t in range(start, stop)]
+        pairs = [first if t == 0 and first is not None else operands(t) for t in range(start, stop)]
+        first = None
         base = pairs[0][1]
         xs = [x.reshape(-1) for x, _ in pairs]
         rows = params(start, stop - start, count) if params is not None else None
         run_group(kernel, state, None if base is None else base.reshape(-1), xs, start == 0, stop == count, rows)
-    return state.view(first_x.shape)
+        # Drop this group's inputs before the next group loads: at most GROUP raw tensors are ever alive.
+        del pairs, xs, base
+    return state.view(shape)
 
 
 def update_state(
@@ -195,10 +200,45 @@ def run_group(
         except Exception as exc:  # compiling is an optimisation: any failure falls back to eager, for good
             _disable_compile(exc)
     began = time.perf_counter()
-    chunk = CHUNK if state.device.type == "cpu" else max(numel, 1)
+    if state.device.type != "cpu":  # one chunk: a GPU runs each op over the whole tensor
+        _run_chunks(kernel, state, base, inputs, first, last, params, 0, numel, max(numel, 1))
+    else:
+        chunk = CHUNK
+        chunks = -(-numel // chunk)
+        workers = min(torch.get_num_threads(), chunks)
+        if workers <= 1:
+            _run_chunks(kernel, state, base, inputs, first, last, params, 0, numel, chunk)
+        else:
+            # ATen runs ops of <= 32768 elements on the calling thread, so chunks are spread over
+            # threads of our own (ops release the GIL); one join per group, not an OpenMP barrier per op.
+            per_worker = -(-chunks // workers) * chunk
+            jobs = [
+                _executor(workers).submit(
+                    _run_chunks, kernel, state, base, inputs, first, last, params, lo, min(lo + per_worker, numel), chunk
+                )
+                for lo in range(0, numel, per_worker)
+            ]
+            for job in jobs:
+                job.result()
+    global _eager_seconds
+    _eager_seconds += time.perf_counter() - began
+
+
+def _run_chunks(
+    kernel: GroupKernel,
+    state: Tensor,
+    base: Tensor | None,
+    inputs: Sequence[Tensor],
+    first: bool,
+    last: bool,
+    params: Tensor | None,
+    start: int,
+    stop: int,
+    chunk: int,
+) -> None:
     pool: list[Tensor] = []
-    for lo in range(0, numel, chunk):
-        hi = min(lo + chunk, numel)
+    for lo in range(start, stop, chunk):
+        hi = min(lo + chunk, stop)
         part = state[lo:hi]
         kernel(
             part,
@@ -207,8 +247,28 @@ def run_group(
             Step(first, last, params, lo),
             Workspace(part, pool, chunk),
         )
-    global _eager_seconds
-    _eager_seconds += time.perf_counter() - began
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    if _pool is None or _pool_workers != workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="magmax-kernel")
+        _pool_workers = workers
+    return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but not its threads: work submitted there would wait forever.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 # -- compile policy ----------------------------------------------------------------------------------

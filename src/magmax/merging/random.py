@@ -13,11 +13,11 @@ How it computes (:func:`random_kernel`), for task t (0-based) and parameter inde
     x = (i·0x61C88647 mod 2^32) + k_t,       k_t = crc32(seed, tensor name, t) < 2^31  (``seed_for``)
     h = (·0x45D9F3B mod 2^32) ∘ xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16 (x),   xorshift16(y) = y ^ (y >> 16)
     replace iff h < ⌈2^32/(t+1)⌉                (probability 1/(t+1) up to 2^-32; always at t = 0)
+    choice = τ_t ^ ((choice ^ τ_t) & keep)      (on the bit patterns; keep = all ones where not replaced)
 
-(the two multiply–xorshift rounds of the well-known 0x45D9F3B integer hash; its final xorshift is left
-out because the threshold test reads the high bits, which the last multiplication has already mixed)
-
-and the selection is made on the bit patterns (``best ^= (best ^ τ_t) & take``), as in MagMax.
+h is two multiply–xorshift rounds of the well-known 0x45D9F3B integer hash; its final xorshift is left
+out because the threshold test reads the high bits, which the last multiplication has already mixed.
+The bit-pattern select is MagMax's: ``torch.where`` on CPU is not vectorised.
 Marczak et al., MagMax, ECCV 2024 (the "Random" baseline).
 """
 
