@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from magmax.errors import ConfigError
 from magmax.models.heads import template_head
+from magmax.models.preprocess import ImageTransform
 
 Modality = Literal["text", "image"]
 Batch = dict[str, torch.Tensor] | torch.Tensor
@@ -119,6 +120,20 @@ class Backbone(torch.nn.Module, abc.ABC):
     def logits(self, features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """logit_scale · features · headᵀ."""
         return self.logit_scale * features @ head.to(features.dtype).T
+
+
+class ImageBackbone(Backbone):
+    """An image backbone: batches come from ``self.transform`` (set by the subclass: the model's own
+    preprocessing), features from ``self.encoder``."""
+
+    modality: Modality = "image"
+    transform: ImageTransform
+
+    def prepare(self, items: Any, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.transform(items, train, generator or self.augmentation_generator)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        return self.encoder(batch)
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from magmax.errors import ConfigError
-from magmax.models.base import Backbone, BackboneConfig, Batch
+from magmax.models.base import BackboneConfig, ImageBackbone
 from magmax.models.hf_loading import first_line, hub_offline, quiet_transformers
 from magmax.models.preprocess import ImageTransform
 
@@ -108,10 +108,9 @@ def load_clip(name_or_path: str) -> tuple[Any, Any]:
     return model.float(), tokenizer
 
 
-class CLIPBackbone(Backbone):
+class CLIPBackbone(ImageBackbone):
     """CLIP (transformers): vision tower trained and merged, text tower frozen, template zero-shot head."""
 
-    modality = "image"
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(seed=cfg.seed)
@@ -137,12 +136,6 @@ class CLIPBackbone(Backbone):
         self.tokenizer = tokenizer
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.transform = ImageTransform(size=cfg.image_size)
-
-    def prepare(self, items: Any, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.transform(items, train, generator or self.augmentation_generator)
-
-    def embed(self, batch: Batch) -> torch.Tensor:
-        return self.encoder(batch)
 
     @torch.no_grad()
     def encode_class_texts(self, texts: list[str]) -> torch.Tensor:

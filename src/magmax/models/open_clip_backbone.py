@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from magmax.errors import ConfigError
-from magmax.models.base import Backbone, BackboneConfig, Batch
+from magmax.models.base import BackboneConfig, ImageBackbone
 from magmax.models.hf_loading import first_line
 from magmax.models.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
 
@@ -34,10 +34,9 @@ def import_open_clip() -> Any:
     return open_clip
 
 
-class OpenCLIPBackbone(Backbone):
+class OpenCLIPBackbone(ImageBackbone):
     """open_clip CLIP: ``model.visual`` trained and merged, text side frozen, template zero-shot head."""
 
-    modality = "image"
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(seed=cfg.seed)
@@ -72,12 +71,6 @@ class OpenCLIPBackbone(Backbone):
         mean = tuple(getattr(model.visual, "image_mean", None) or CLIP_MEAN)
         std = tuple(getattr(model.visual, "image_std", None) or CLIP_STD)
         self.transform = ImageTransform(size=cfg.image_size, mean=mean, std=std)
-
-    def prepare(self, items: Any, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.transform(items, train, generator or self.augmentation_generator)
-
-    def embed(self, batch: Batch) -> torch.Tensor:
-        return self.encoder(batch)
 
     @torch.no_grad()
     def encode_class_texts(self, texts: list[str]) -> torch.Tensor:
