@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magmax.data.base import Dataset, DatasetReader, LabeledSet, check_labels, register_reader
-from magmax.data.idx import has_idx_files, read_idx_pair
-from magmax.data.locate import candidate_dirs, describe_file, locate
+from magmax.data.base import Dataset, DatasetReader, register_reader
+from magmax.data.idx import has_idx_files, idx_dataset
+from magmax.data.locate import candidate_dirs, locate
 from magmax.data.templates import FASHION_MNIST_TEMPLATES
 
 CLASS_NAMES = [
@@ -52,14 +52,4 @@ class FashionMNISTReader(DatasetReader):
     def read(self, root: Path | None, options) -> Dataset:
         candidates = candidate_dirs(root, ("fashion_mnist", "fashion-mnist"), ["/usr/share/datasets/fashion-mnist"])
         folder = locate("fashion_mnist", candidates, lambda c: probe_idx_folder(c, "FashionMNIST"), LAYOUT, SOURCE)
-        x_train, y_train, train_files = read_idx_pair(folder, "train", "fashion_mnist")
-        x_test, y_test, test_files = read_idx_pair(folder, "test", "fashion_mnist")
-        return Dataset(
-            name="fashion_mnist",
-            modality="image",
-            class_names=list(CLASS_NAMES),
-            train=LabeledSet(x_train, check_labels(y_train, 10, "fashion_mnist", train_files[1])),
-            test=LabeledSet(x_test, check_labels(y_test, 10, "fashion_mnist", test_files[1])),
-            templates=list(FASHION_MNIST_TEMPLATES),
-            info={"files": [describe_file(p) for p in train_files + test_files], "split": "official"},
-        )
+        return idx_dataset(folder, "fashion_mnist", list(CLASS_NAMES), FASHION_MNIST_TEMPLATES)

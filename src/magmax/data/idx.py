@@ -76,3 +76,22 @@ def read_idx_pair(folder: Path, split: str, dataset: str) -> tuple[np.ndarray, n
 
 def has_idx_files(folder: Path) -> bool:
     return all(idx_file(folder, s, k) is not None for s in SPLIT_PREFIX for k in KIND)
+
+
+def idx_dataset(folder: Path, name: str, class_names: list[str], templates: list[str]):
+    """A Dataset from the four official IDX files in ``folder`` (60k/10k, labels checked against the classes)."""
+    from magmax.data.base import Dataset, LabeledSet, check_labels
+    from magmax.data.locate import describe_file
+
+    x_train, y_train, train_files = read_idx_pair(folder, "train", name)
+    x_test, y_test, test_files = read_idx_pair(folder, "test", name)
+    n = len(class_names)
+    return Dataset(
+        name=name,
+        modality="image",
+        class_names=list(class_names),
+        train=LabeledSet(x_train, check_labels(y_train, n, name, train_files[1])),
+        test=LabeledSet(x_test, check_labels(y_test, n, name, test_files[1])),
+        templates=list(templates),
+        info={"files": [describe_file(p) for p in train_files + test_files], "split": "official"},
+    )

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magmax.data.base import Dataset, DatasetReader, LabeledSet, check_labels, register_reader
+from magmax.data.base import Dataset, DatasetReader, register_reader
 from magmax.data.fashion_mnist import probe_idx_folder
-from magmax.data.idx import read_idx_pair
-from magmax.data.locate import candidate_dirs, describe_file, locate
+from magmax.data.idx import idx_dataset
+from magmax.data.locate import candidate_dirs, locate
 from magmax.data.templates import MNIST_TEMPLATES
 
 LAYOUT = (
@@ -32,14 +32,4 @@ class MNISTReader(DatasetReader):
     def read(self, root: Path | None, options) -> Dataset:
         candidates = candidate_dirs(root, ("mnist", "MNIST"), ["~/data"])
         folder = locate("mnist", candidates, lambda c: probe_idx_folder(c, "MNIST"), LAYOUT, SOURCE)
-        x_train, y_train, train_files = read_idx_pair(folder, "train", "mnist")
-        x_test, y_test, test_files = read_idx_pair(folder, "test", "mnist")
-        return Dataset(
-            name="mnist",
-            modality="image",
-            class_names=[str(d) for d in range(10)],
-            train=LabeledSet(x_train, check_labels(y_train, 10, "mnist", train_files[1])),
-            test=LabeledSet(x_test, check_labels(y_test, 10, "mnist", test_files[1])),
-            templates=list(MNIST_TEMPLATES),
-            info={"files": [describe_file(p) for p in train_files + test_files], "split": "official"},
-        )
+        return idx_dataset(folder, "mnist", [str(d) for d in range(10)], MNIST_TEMPLATES)
