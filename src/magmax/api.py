@@ -11,7 +11,7 @@ from torch import Tensor
 from magmax.engine import DictReader, DictWriter, MergeRun
 from magmax.errors import MergeInputError
 from magmax.merging.base import MergeMethod, TaskSlices, create_method
-from magmax.taskvector import apply_task_vector, check_compatible, check_finite, is_mergeable, task_vector
+from magmax.taskvector import apply_task_vector, check_compatible, check_finite, is_mergeable, task_vector_tensor
 
 StateDict = Mapping[str, Tensor]
 
@@ -71,7 +71,8 @@ class Merger:
         if self.check_values:
             for key, value in finetuned.items():
                 check_finite(key, value, f"fine-tuned model {self.count + 1}")
-        tau = task_vector(self.base, finetuned)
+        # Compatibility was just checked (with this model's name in the message): form τ directly.
+        tau = {k: task_vector_tensor(v, finetuned[k]) for k, v in self.base.items() if is_mergeable(v.dtype)}
         self.add_task_vector(tau)
 
     def add_task_vector(self, tau: StateDict) -> None:
