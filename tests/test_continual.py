@@ -74,6 +74,7 @@ def test_tiny_clip_end_to_end(image_root, tmp_path):
     assert m["forgetting"] is not None and m["backward_transfer"] is not None
     assert saved["models"]["seq:magmax"]["scale"] == 0.5
     assert (out / "results.csv").read_text().startswith("model,")
+    assert (out / "results.md").read_text().startswith("| model |")
     prov = json.loads((out / "provenance.json").read_text())
     assert len(prov["base_weights_sha256"]) == 64 and prov["seed"] == 3
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3

@@ -48,7 +48,7 @@ def default_out(cfg: RunConfig) -> Path:
 
 def execute(cfg: RunConfig, out: Path, resume: bool) -> dict:
     from magmax.continual import ContinualRun, ProgressHooks
-    from magmax.report import markdown_table, results_table
+    from magmax.report import results_table
 
     columns = [
         TextColumn("{task.description}"),
@@ -67,7 +67,6 @@ def execute(cfg: RunConfig, out: Path, resume: bool) -> dict:
         )
         results = run.run()
     Console().print(results_table(results))
-    (Path(out) / "results.md").write_text(markdown_table(results) + "\n")
     console.print(f"run directory: {out}  ({results['seconds']:.0f} s)")
     return results
 

@@ -55,6 +55,7 @@ def write_results(folder: str | Path, results: dict[str, Any]) -> None:
         for r in table:
             writer.writerow(r)
     os.replace(tmp, folder / "results.csv")
+    (folder / "results.md").write_text(markdown_table(results) + "\n")
     write_json(folder / "results.json", results)
     try:
         plot_accuracy(results, folder / "accuracy.png")
