@@ -12,12 +12,15 @@ Measured in the same run, on the same task vectors:
   (T + 1)·P·4 bytes moved at the copy bandwidth measured here (``dst.copy_(src)`` of P floats).
 * **naive**: the reference fold written the plain way — a Python loop over keys and tasks of
   ``best = torch.where(cur.abs() >= best.abs(), cur, best)``.
-* **eager** / **compiled**: ``method.merge_tensor`` over the task vectors (with the method's statistics
-  passes, as the engine runs them), with ``magmax.merging._fused`` forced to eager chunks or to
-  ``torch.compile`` (compile time reported apart; methods without fused kernels run once, as "eager").
+* **default** / **torch eager** / **compiled**: ``method.merge_tensor`` over the task vectors (with the
+  method's statistics passes, as the engine runs them). *default* is what a merge runs without
+  settings: the numba kernels of ``magmax.merging._native`` on CPU (where numba imports), the torch
+  group kernels eagerly elsewhere. *torch eager* forces the torch group kernels in cache-sized chunks
+  (``MAGMAX_NATIVE=0``; measured on CPU for the fused methods only), *compiled* forces them under
+  ``torch.compile`` (compile time reported apart).
 * **merge()**: ``magmax.merge(method, θ0, [θ_1..θ_T])`` end to end (reading checkpoints in memory,
-  NaN/Inf checks, θ0 + λ·τ*), with the compiled kernels where the compiled column was measured; its
-  floor is (T + 2)·P·4 bytes (θ0 is read too), so compare it with floor·(T + 2)/(T + 1).
+  NaN/Inf checks, θ0 + λ·τ*) on the default path; its floor is (T + 2)·P·4 bytes (θ0 is read too), so
+  compare it with floor·(T + 2)/(T + 1).
 * **peak**: the highest resident memory above the inputs during one call (``VmHWM`` after resetting it
   through /proc/self/clear_refs; ``max_memory_allocated`` on CUDA).
 
@@ -45,7 +48,7 @@ import torch
 from torch import Tensor
 
 import magmax
-from magmax.merging import _fused
+from magmax.merging import _fused, _native
 from magmax.merging.base import MergeMethod, TaskSlices
 
 FUSED = ("magmax", "average", "task_arithmetic", "random")
@@ -142,10 +145,10 @@ def merge_task_vectors(method: MergeMethod, taus: Sequence[Mapping[str, Tensor]]
         return TaskSlices.from_list(key, [tau[key] for tau in taus])
 
     if method.uses_task_stats:
-        for t, tau in enumerate(taus):
-            method.observe_task(t, lambda tau=tau: iter(tau.items()))
+        total = sum(taus[0][key].numel() for key in keys)
+        method.observe_tasks(lambda: ((key, slices(key)) for key in keys), len(taus), total)
     if method.uses_global_reduce:
-        method.reduce_states((key, method.fold(key, slices(key))) for key in keys)
+        method.reduce_states((key, method.global_contribution(key, slices(key))) for key in keys)
     return {key: method.merge_tensor(key, slices(key)) for key in keys}
 
 
@@ -223,7 +226,8 @@ class Row:
     tasks: int
     floor_s: float
     naive_s: float | None
-    eager_s: float | None = None
+    eager_s: float | None = None  # the default path
+    torch_eager_s: float | None = None
     compiled_s: float | None = None
     compile_s: float | None = None
     e2e_s: float | None = None
@@ -273,13 +277,13 @@ def fmt_ratio(num: float | None, den: float | None) -> str:
 
 
 def print_table(rows: Sequence[Row]) -> None:
-    head = ("method", "T", "floor ms", "naive ms", "eager ms", "compiled ms", "compile s", "merge() ms",
-            "eager/floor", "compiled/floor", "naive/eager", "naive/compiled", "peak MB")
+    head = ("method", "T", "floor ms", "naive ms", "default ms", "torch eager ms", "compiled ms", "compile s",
+            "merge() ms", "default/floor", "compiled/floor", "naive/default", "naive/compiled", "peak MB")
     lines = [head]
     for r in rows:
         lines.append((
-            r.method, str(r.tasks), fmt_ms(r.floor_s), fmt_ms(r.naive_s), fmt_ms(r.eager_s), fmt_ms(r.compiled_s),
-            "—" if r.compile_s is None else f"{r.compile_s:.1f}", fmt_ms(r.e2e_s),
+            r.method, str(r.tasks), fmt_ms(r.floor_s), fmt_ms(r.naive_s), fmt_ms(r.eager_s), fmt_ms(r.torch_eager_s),
+            fmt_ms(r.compiled_s), "—" if r.compile_s is None else f"{r.compile_s:.1f}", fmt_ms(r.e2e_s),
             fmt_ratio(r.eager_s, r.floor_s), fmt_ratio(r.compiled_s, r.floor_s),
             fmt_ratio(r.naive_s, r.eager_s), fmt_ratio(r.naive_s, r.compiled_s),
             f"{r.peak_bytes / 2**20:,.0f}",
@@ -311,6 +315,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a cell once it would exceed this")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--no-torch-eager", action="store_true", help="skip the torch eager column (CPU, native kernels on)")
     p.add_argument("--compiled", action="store_true", help="measure the torch.compile column even with --quick")
     p.add_argument("--no-e2e", action="store_true", help="skip the magmax.merge() column")
     return p.parse_args(argv)
@@ -372,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     row.note = f"skipped: one call projected at {projected:.0f} s (> --budget-s {args.budget_s:.0f})"
                     rows.append(row)
                     continue
-            run = lambda: merge_task_vectors(magmax.create_method(name), taus)  # noqa: E731
+            run = lambda: merge_task_vectors(magmax.create_method(name), taus)
             _fused.set_compile_mode("never")
             row.eager_s, row.peak_bytes, calls = measure(run, args.repeats, device, args.budget_s)
             if row.eager_s is None:
@@ -382,8 +387,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue
             last_eager[name] = (count, row.eager_s)
             if calls < args.repeats:
-                notes.append(f"eager {calls} call(s)")
+                notes.append(f"default {calls} call(s)")
+            native = _native.enabled()
+            if name in FUSED and native and device.type == "cpu" and not args.no_torch_eager:
+                os.environ["MAGMAX_NATIVE"] = "0"
+                row.torch_eager_s, _, _ = measure(run, args.repeats, device, args.budget_s)
+                os.environ["MAGMAX_NATIVE"] = "1"
             if name in FUSED and not args.no_compiled:
+                os.environ["MAGMAX_NATIVE"] = "0"
                 _fused.set_compile_mode("always")
                 began = time.perf_counter()
                 run()
@@ -392,12 +403,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row.compile_s = max(warm - row.compiled_s, 0.0)
                 if _fused._compile_failed:
                     notes.append("torch.compile failed: the compiled column ran eagerly")
+                os.environ["MAGMAX_NATIVE"] = "1" if native else "0"
             if not args.no_e2e:
-                _fused.set_compile_mode("always" if row.compiled_s is not None else "never")
+                _fused.set_compile_mode("never")
                 finetuned = inputs.finetuned(count)
-                merge = lambda: magmax.merge(name, inputs.base, finetuned, device=device)  # noqa: E731
-                if row.compiled_s is not None:
-                    merge()  # compiles the group shapes with a base operand
+                merge = lambda: magmax.merge(name, inputs.base, finetuned, device=device)
                 row.e2e_s, _, _ = measure(merge, args.repeats, device, args.budget_s)
                 if row.e2e_s is None:
                     notes.append(f"merge() stopped after {args.budget_s:.0f} s")

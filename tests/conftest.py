@@ -17,3 +17,12 @@ from magmax.merging import _fused  # noqa: E402
 def _compile_mode_from_env():
     """Every test starts in the session's compile mode, whatever an earlier test set."""
     _fused.set_compile_mode(os.environ["MAGMAX_COMPILE"])  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _native_kernels_must_not_fail():
+    """A native (numba) kernel that fails falls back to torch silently in production; in tests it is a bug."""
+    from magmax.merging import _native
+
+    yield
+    assert not _native._disabled_after_error, "a numba kernel failed and was disabled (see the log)"

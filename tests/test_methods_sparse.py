@@ -393,7 +393,7 @@ class CountingReader(DictReader):
 @pytest.mark.parametrize(
     "name,options,reads",
     [
-        ("ties", {}, 4),  # radix select (2 passes) + majority-sign fold + merge fold
+        ("ties", {}, 4),  # sample + count-and-gather (thresholds) + majority-sign pass + merge pass
         ("ties", {"threshold": "per_tensor"}, 2),  # no statistics pass: thresholds are found in the fold
         ("dare", {}, 1),
         ("dare", {"combine": "ties"}, 2),

@@ -102,12 +102,15 @@ class Merger:
             # result() must not consume the running state: later add() calls continue from it.
             return {k: m.result(_clone_state(s), k) for k, s in self._states.items()}
         keys = [k for k, v in self.base.items() if is_mergeable(v.dtype)]
+        def slices(key: str) -> TaskSlices:
+            return TaskSlices.from_list(key, [tau[key] for tau in self._taus])
+
         if m.uses_task_stats:
-            for t, tau in enumerate(self._taus):
-                m.observe_task(t, lambda tau=tau: iter(tau.items()))
+            total = sum(self.base[k].numel() for k in keys)
+            m.observe_tasks(lambda: ((k, slices(k)) for k in keys), len(self._taus), total)
         if m.uses_global_reduce:
-            m.reduce_states((k, m.fold(k, TaskSlices.from_list(k, [tau[k] for tau in self._taus]))) for k in keys)
-        return {k: m.merge_tensor(k, TaskSlices.from_list(k, [tau[k] for tau in self._taus])) for k in keys}
+            m.reduce_states((k, m.global_contribution(k, slices(k))) for k in keys)
+        return {k: m.merge_tensor(k, slices(k)) for k in keys}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the stream later (see :mod:`magmax.state_io` to save it)."""

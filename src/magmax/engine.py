@@ -151,23 +151,15 @@ class MergeRun:
 
         return TaskSlices(key, len(self.finetuned), load, base=base_tensor, finetuned=finetuned)
 
-    def task_stream(self, t: int) -> Callable[[], Iterator[tuple[str, Tensor]]]:
-        def stream() -> Iterator[tuple[str, Tensor]]:
-            for key in self.float_keys:
-                base_tensor = self._load(self.base, -1, key)
-                yield key, task_vector_tensor(base_tensor, self._load(self.finetuned[t], t, key))
-
-        return stream
-
     # -- running -------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Statistics passes that couple tensors (per-task thresholds, global signs), if the method has any."""
         m = self.method
         if m.uses_task_stats:
-            for t in range(len(self.finetuned)):
-                m.observe_task(t, self.task_stream(t))
+            total = sum(self.base.meta(key).numel for key in self.float_keys)
+            m.observe_tasks(lambda: ((key, self.slices(key)) for key in self.float_keys), len(self.finetuned), total)
         if m.uses_global_reduce:
-            m.reduce_states((key, m.fold(key, self.slices(key))) for key in self.float_keys)
+            m.reduce_states((key, m.global_contribution(key, self.slices(key))) for key in self.float_keys)
 
     def iter_merged(self) -> Iterator[tuple[str, Tensor]]:
         """(key, merged tensor) in base key order; non-float tensors come from the base unchanged."""

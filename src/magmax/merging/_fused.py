@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from magmax.errors import ConfigError
+from magmax.merging import _native
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,19 @@ class GroupKernel(Protocol):
     def __call__(self, state: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: Step, ws: Workspace) -> None: ...
 
 
+def native(group: _native.NativeGroup | None) -> Callable[[GroupKernel], GroupKernel]:
+    """Decorator: ``group`` (from :mod:`magmax.merging._native`) runs this kernel's groups on CPU when it can.
+
+    The native function must compute exactly what the torch kernel computes (the tests compare bits).
+    """
+
+    def attach(kernel: GroupKernel) -> GroupKernel:
+        kernel.native = group  # type: ignore[attr-defined]
+        return kernel
+
+    return attach
+
+
 ParamsFn = Callable[[int, int, int], Tensor]
 """``params(first_t, count, total)``: the int64 rows for inputs first_t..first_t+count−1 of a fold of
 ``total`` inputs (``total`` is 0 when the fold's length is not known yet, as in a streaming update)."""
@@ -145,6 +159,26 @@ def fold_slices(kernel: GroupKernel, slices: Sequence[Tensor], params: ParamsFn 
     return fold_operands(kernel, operands, len(slices), params)
 
 
+def groups(
+    operands: Callable[[int], tuple[Tensor, Tensor | None]], count: int
+) -> Iterator[tuple[int, int, Tensor | None, list[Tensor], torch.Size]]:
+    """(start, stop, θ0 or None, flat inputs start..stop−1, the inputs' shape) for the groups of at most
+    :data:`GROUP` inputs.
+
+    A consumer must drop a group's tensors before asking for the next: then at most GROUP raw tensors of
+    one key are alive at a time, whatever ``count``.
+    """
+    for start in range(0, count, GROUP):
+        stop = min(start + GROUP, count)
+        pairs = [operands(t) for t in range(start, stop)]
+        base = pairs[0][1]
+        shape = pairs[0][0].shape
+        xs = [x.reshape(-1) for x, _ in pairs]
+        del pairs
+        yield start, stop, None if base is None else base.reshape(-1), xs, shape
+        del xs, base
+
+
 def fold_operands(
     kernel: GroupKernel,
     operands: Callable[[int], tuple[Tensor, Tensor | None]],
@@ -154,19 +188,14 @@ def fold_operands(
     """The fold of ``count`` inputs (``operands(t)`` = (x_t, θ0 or None)) as a new float32 tensor of x's shape."""
     if count < 1:
         raise ValueError("a fold needs at least one input")
-    first: tuple[Tensor, Tensor | None] | None = operands(0)
-    shape = first[0].shape
-    state = torch.empty(first[0].numel(), dtype=_F32, device=first[0].device)
-    for start in range(0, count, GROUP):
-        stop = min(start + GROUP, count)
-        pairs = [first if t == 0 and first is not None else operands(t) for t in range(start, stop)]
-        first = None
-        base = pairs[0][1]
-        xs = [x.reshape(-1) for x, _ in pairs]
+    state: Tensor | None = None
+    for start, stop, base, xs, shape in groups(operands, count):
+        if state is None:
+            state = torch.empty(xs[0].numel(), dtype=_F32, device=xs[0].device)
         rows = params(start, stop - start, count) if params is not None else None
-        run_group(kernel, state, None if base is None else base.reshape(-1), xs, start == 0, stop == count, rows)
-        # Drop this group's inputs before the next group loads: at most GROUP raw tensors are ever alive.
-        del pairs, xs, base
+        run_group(kernel, state, base, xs, start == 0, stop == count, rows)
+        del xs, base
+    assert state is not None
     return state.view(shape)
 
 
@@ -192,6 +221,13 @@ def run_group(
     numel = state.shape[0]
     if params is not None:
         params = params.to(state.device)
+    group = getattr(kernel, "native", None)
+    if group is not None and _native.enabled() and _native.accepts(state, base, inputs, GROUP):
+        try:
+            group(state, base, inputs, first, last, params, GROUP)
+            return
+        except Exception as exc:  # a native kernel is an optimisation: fall back to the torch kernel
+            _native.disable(exc)
     if _use_compiled(numel, state.device):
         try:
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):

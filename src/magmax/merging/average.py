@@ -4,8 +4,7 @@
 
 The MagMax paper's "Avg" baseline (the reference writes it as task arithmetic with λ = 1/T).
 Computed as the float32 sum of task arithmetic, left to right, then one division by T (not a
-multiplication by 1/T), the same in the batch and the streaming fold; in the batch kernel the division
-is fused into the last group (:mod:`magmax.merging._fused`).
+multiplication by 1/T), the same in the batch and the streaming fold and on every device.
 Wortsman et al., "Model soups", ICML 2022.
 """
 
@@ -19,21 +18,6 @@ from torch import Tensor
 from magmax.merging import _fused
 from magmax.merging.base import MergeMethod, register
 from magmax.merging.task_arithmetic import sum_kernel
-
-
-def mean_kernel(
-    total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
-) -> None:
-    """:func:`sum_kernel`, then total / T after the last group (T = ``step.params[0, 0]``)."""
-    sum_kernel(total, base, inputs, step, ws)
-    if step.last:
-        assert step.params is not None
-        total.div_(step.params[0, 0])
-
-
-def _count_params(first_t: int, count: int, total: int) -> Tensor:
-    # A tensor, not a Python int: a compiled kernel then serves every T without recompiling.
-    return torch.tensor([[total]], dtype=torch.int64)
 
 
 @register
@@ -56,4 +40,6 @@ class Average(MergeMethod):
         return total / count
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        return _fused.fold_slices(mean_kernel, slices, _count_params)
+        # The division runs after the fold, not inside a (possibly compiled) kernel: Triton's float32
+        # division is not correctly rounded, and the mean must be the same on every device.
+        return _fused.fold_slices(sum_kernel, slices).div_(len(slices))

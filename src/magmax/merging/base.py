@@ -82,8 +82,12 @@ class TaskSlices(Sequence[Tensor]):
         return self._finetuned(t), self._base
 
     @classmethod
-    def from_list(cls, key: str, taus: Sequence[Tensor]) -> "TaskSlices":
+    def from_list(cls, key: str, taus: Sequence[Tensor]) -> TaskSlices:
         return cls(key, len(taus), lambda t: taus[t])
+
+
+SlicesStream = Callable[[], Iterator[tuple[str, TaskSlices]]]
+"""A zero-argument callable giving (key, that tensor's T slices) for every tensor, afresh on each call."""
 
 
 class MergeMethod:
@@ -109,8 +113,26 @@ class MergeMethod:
     def observe_task(self, t: int, tensors: TensorStream) -> None:
         """Collect per-task statistics from task vector t (only called if ``uses_task_stats``)."""
 
+    def observe_tasks(self, tensors: SlicesStream, count: int, total_numel: int) -> None:
+        """Per-task statistics of all ``count`` tasks at once (only called if ``uses_task_stats``).
+
+        ``tensors()`` yields (key, the T slices of that tensor) afresh on each call; ``total_numel`` is the
+        number of entries of one whole task vector. A method may read all tasks in one pass per key;
+        the default runs :meth:`observe_task` task by task.
+        """
+        for t in range(count):
+            self.observe_task(t, lambda t=t: ((key, slices[t]) for key, slices in tensors()))
+
     def reduce_states(self, states: Iterable[tuple[str, Any]]) -> None:
-        """Collect statistics over every tensor's fold state (only called if ``uses_global_reduce``)."""
+        """Collect statistics over every tensor's fold state (only called if ``uses_global_reduce``).
+
+        Each item is (key, :meth:`global_contribution` of that tensor) in a batch merge, and (key, the
+        running fold state) in a streaming one.
+        """
+
+    def global_contribution(self, key: str, slices: Sequence[Tensor]) -> Any:
+        """What :meth:`reduce_states` needs of one tensor in a batch merge (default: its final fold state)."""
+        return self.fold(key, slices)
 
     # -- fold --------------------------------------------------------------------------------------
     def init(self, key: str, first: Tensor) -> Any:

@@ -28,12 +28,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from magmax.merging import _fused
+from magmax.merging import _fused, _native
 from magmax.merging.base import MergeMethod, register
 
 _MAGNITUDE_BITS = 0x7FFFFFFF
 
 
+@_fused.native(_native.magmax_group)
 def magmax_kernel(
     best: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
 ) -> None:

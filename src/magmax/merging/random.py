@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from magmax.merging import _fused
+from magmax.merging import _fused, _native
 from magmax.merging.base import MergeMethod, MethodOptions, register, seed_for
 
 _LOW32 = 0xFFFFFFFF
@@ -45,6 +45,7 @@ def _xorshift16(x: Tensor, tmp: Tensor) -> None:
     x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
+@_fused.native(_native.random_group)
 def random_kernel(
     choice: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
 ) -> None:

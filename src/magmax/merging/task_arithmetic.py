@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from magmax.merging import _fused
+from magmax.merging import _fused, _native
 from magmax.merging.base import MergeMethod, register
 
 
+@_fused.native(_native.sum_group)
 def sum_kernel(
     total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
 ) -> None:

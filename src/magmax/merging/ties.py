@@ -23,6 +23,12 @@ and counts of the positive and of the negative trimmed entries (Σ⁺, Σ⁻, n�
 four tensors of state per tensor. The majority sign m couples all tensors: ``reduce_states`` computes it
 from every tensor's final state, exactly in integers (the reference sums the signs in float32).
 
+Speed: on CPU with float32 inputs (and numba), the global thresholds of all tasks come from one
+sample → bracket → count-and-gather pass (:mod:`magmax.merging._threshold`, exact, radix fallback), the
+majority sign from one fused pass that only counts elected signs (``global_contribution``), and τ* from
+one fused pass (:func:`magmax.merging._native.ties_group`): about three reads of the models in all,
+instead of two radix passes per task and two materialising folds.
+
 Exactness against the reference: masks, elected signs and counts are identical; the sums are taken in
 task order while ``torch.sum(dim=0)`` of the stacked T×d matrix uses its own (vectorised) order, so the
 values agree to float32 rounding, and an elected sign can differ only where Σ_t τ̂_t cancels to within
@@ -34,23 +40,33 @@ NeurIPS 2023. arXiv:2306.01708.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
+import numpy as np
+import torch
 from pydantic import Field
 from torch import Tensor
 
+from magmax.merging import _fused, _native
 from magmax.merging._sparsify import (
     ConsensusState,
     consensus_init,
     consensus_result,
     consensus_update,
+    elected_sign_balance,
     global_topk_threshold,
-    majority_sign,
     topk_threshold,
     trim,
 )
-from magmax.merging.base import MergeMethod, MethodOptions, TensorStream, register
+from magmax.merging._threshold import global_topk_thresholds
+from magmax.merging.base import (
+    MergeMethod,
+    MethodOptions,
+    SlicesStream,
+    TensorStream,
+    register,
+)
 
 
 class TiesOptions(MethodOptions):
@@ -89,8 +105,20 @@ class Ties(MergeMethod):
     def observe_task(self, t: int, tensors: TensorStream) -> None:
         self._thresholds[t] = global_topk_threshold(lambda: (tau for _, tau in tensors()), self.options.k)
 
-    def reduce_states(self, states: Iterable[tuple[str, ConsensusState]]) -> None:
-        self._majority = majority_sign(states)
+    def observe_tasks(self, tensors: SlicesStream, count: int, total_numel: int) -> None:
+        thresholds = global_topk_thresholds(tensors, count, total_numel, self.options.k)
+        self._thresholds.update(enumerate(thresholds))
+
+    def global_contribution(self, key: str, slices: Sequence[Tensor]) -> Any:
+        balance = self._native_pass(slices, majority=0)
+        return balance if balance is not None else super().global_contribution(key, slices)
+
+    def reduce_states(self, states: Iterable[tuple[str, ConsensusState | int]]) -> None:
+        """m from every tensor's elected-sign balance (an int) or its final fold state."""
+        balance = 0
+        for _, state in states:
+            balance += state if isinstance(state, int) else elected_sign_balance(state)
+        self._majority = (balance > 0) - (balance < 0)
 
     # -- fold ------------------------------------------------------------------------------------------
     def _trimmed(self, tau: Tensor, t: int) -> Tensor:
@@ -105,6 +133,37 @@ class Ties(MergeMethod):
 
     def update(self, state: ConsensusState, tau: Tensor, t: int, key: str) -> ConsensusState:
         return consensus_update(state, self._trimmed(tau, t))
+
+    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        if self._majority is None:
+            raise RuntimeError("ties: reduce_states() must run before result() (it sets the majority sign)")
+        merged = self._native_pass(slices, majority=1 if self._majority > 0 else 2)
+        return merged if merged is not None else super().merge_tensor(key, slices)
+
+    def _native_pass(self, slices: Sequence[Tensor], majority: int) -> Any:
+        """The fused CPU fold (global thresholds only): the balance (majority 0) or τ*; None if it cannot run."""
+        operands = getattr(slices, "operands", None)
+        count = len(slices)
+        if operands is None or self.options.threshold != "global" or not _native.enabled() or count == 0:
+            return None
+        if any(t not in self._thresholds for t in range(count)):
+            return None
+        kappas = [-1.0 if self._thresholds[t] is None else self._thresholds[t] for t in range(count)]
+        state = out = None
+        result: Any = None
+        for start, stop, base, xs, shape in _fused.groups(operands, count):
+            if not _native.accepts(xs[0], base, xs, _fused.GROUP):
+                return None
+            numel = xs[0].numel()
+            if majority != 0 and out is None:
+                out = torch.empty(numel, dtype=torch.float32)
+            if state is None and count > _fused.GROUP:
+                state = (np.empty(numel, np.float32), np.empty(numel, np.float32),
+                         np.empty(numel, np.float32), np.empty(numel, np.float32))
+            result = _native.ties_group(state, out, base, xs, kappas[start:stop], start == 0, stop == count,
+                                        majority, _fused.GROUP)
+            del xs, base
+        return result if majority == 0 else out.view(shape)
 
     def result(self, state: ConsensusState, key: str) -> Tensor:
         if self._majority is None:

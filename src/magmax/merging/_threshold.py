@@ -1,0 +1,128 @@
+"""Exact top-k magnitude thresholds of T whole task vectors at once, in about one pass over the models.
+
+TIES keeps, per task vector τ_t (all tensors of the model flattened, d entries), the entries with
+|τ_t| >= κ_t, κ_t = the ``r``-th smallest |τ_t| (1-based), r = d − int(d·K). The exact radix select of
+:mod:`magmax.merging._sparsify` needs two full passes per task, each with a 65,536-bin histogram
+update per entry. Here all tasks are served together, and the histogram is replaced by a bracket:
+
+1. **Sample** (reads about 1/``stride`` of the memory): |τ_t| at every ``stride``-th position of the
+   concatenated model, about ``SAMPLE`` values per task. From the sorted sample, a bracket
+   [lo_t, hi_t] around the quantile r/d, six binomial standard deviations (plus 32 ranks) wide.
+2. **Count and gather** (one pass): below_t = #{|τ_t| < lo_t}, and the magnitudes inside the
+   bracket (about 1% of the entries) are copied out.
+3. **Select**: when below_t < r <= below_t + gathered_t, κ_t is the (r − below_t)-th smallest gathered
+   value (``np.partition``) — exactly ``kthvalue`` of the concatenation, whatever the sample was.
+   Otherwise (a bracket missed, or more than ``GATHER_CAP`` entries fell inside it) that task falls
+   back to the exact radix select. The sample only decides the speed, never the result.
+
+The kernels are numba's (:mod:`magmax.merging._native`); tensors that are not float32 on the CPU (or
+no numba) take the radix select for every task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from torch import Tensor
+
+from magmax.merging import _fused, _native
+from magmax.merging._sparsify import global_topk_threshold, keep_fraction, kth_position
+from magmax.merging.base import TaskSlices
+
+SAMPLE = 1 << 18
+"""Target sample size per task (1 MiB of float32 each)."""
+
+GATHER_CAP = 1 << 23
+"""At most this many bracketed magnitudes are kept per task (32 MiB); more means a radix fallback."""
+
+SlicesStream = Callable[[], Iterator[tuple[str, TaskSlices]]]
+
+
+class _NotNative(Exception):
+    """A tensor the native kernels do not take (not float32 / not on the CPU)."""
+
+
+def _native_groups(slices: TaskSlices, count: int) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
+    for start, stop, base, xs, _ in _fused.groups(slices.operands, count):
+        if not _native.accepts(xs[0], base, xs, _fused.GROUP):
+            raise _NotNative
+        yield start, stop, base, xs
+
+
+def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k: float) -> list[float | None]:
+    """κ_t for t = 0..count−1 over the whole flattened task vectors (``None``: keep everything)."""
+    if keep_fraction(k) >= 1 or total_numel == 0:
+        return [None] * count
+    position = kth_position(total_numel, k)
+    if position is None:
+        return [None] * count
+    if _native.enabled():
+        try:
+            found = _bracketed(stream, count, total_numel, position)
+        except _NotNative:
+            found = [None] * count
+    else:
+        found = [None] * count
+    return [value if value is not None else _radix(stream, t, k) for t, value in enumerate(found)]
+
+
+def _radix(stream: SlicesStream, t: int, k: float) -> float | None:
+    return global_topk_threshold(lambda: (slices[t] for _, slices in stream()), k)
+
+
+def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> list[float | None]:
+    """κ_t by sample → bracket → count and gather; None where the bracket did not decide."""
+    stride = max(1, total // SAMPLE)
+    capacity = total // stride + 2
+    sample = np.empty((count, capacity), dtype=np.float32)
+    taken = 0
+    offset = 0  # global position of the current tensor's first entry
+    for _, slices in stream():
+        numel = None
+        phase = (-offset) % stride
+        got = 0
+        for start, stop, base, xs in _native_groups(slices, count):
+            numel = xs[0].numel()
+            got = _native.sample_magnitudes(base, xs, phase, stride, sample[start:stop], taken, _fused.GROUP)
+            del xs, base
+        taken += got
+        offset += numel or 0
+    if offset != total:
+        raise RuntimeError(f"the task vectors have {offset} entries, not {total}")
+
+    low = np.empty(count, dtype=np.float32)
+    high = np.empty(count, dtype=np.float32)
+    quantile = (position - 0.5) / total
+    margin = 6.0 * math.sqrt(max(taken * quantile * (1 - quantile), 1.0)) + 32
+    lo_index = math.floor(quantile * taken - margin)
+    hi_index = math.ceil(quantile * taken + margin)
+    for t in range(count):
+        values = np.sort(sample[t, :taken])
+        low[t] = values[lo_index] if lo_index >= 0 else 0.0
+        high[t] = values[hi_index] if hi_index < taken else np.inf
+    del sample
+    # The bracket holds about this share of the entries; room for twice that (a little more for small models).
+    share = (min(hi_index, taken) - max(lo_index, 0)) / max(taken, 1)
+    cap = min(GATHER_CAP, int(2 * share * total) + 1024)
+    gathered = np.empty((count, cap), dtype=np.float32)
+    below = np.zeros(count, dtype=np.int64)
+    filled = np.zeros(count, dtype=np.int64)
+    for _, slices in stream():
+        for start, stop, base, xs in _native_groups(slices, count):
+            _native.count_and_gather(
+                base, xs, low[start:stop], high[start:stop], below[start:stop], gathered[start:stop],
+                filled[start:stop], _fused.GROUP,
+            )
+            del xs, base
+
+    found: list[float | None] = []
+    for t in range(count):
+        inside = int(position - below[t])
+        if 1 <= inside <= filled[t] and filled[t] <= cap:
+            values = gathered[t, : filled[t]]
+            found.append(float(np.partition(values, inside - 1)[inside - 1]))
+        else:
+            found.append(None)
+    return found

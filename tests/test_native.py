@@ -1,0 +1,200 @@
+"""The numba CPU kernels (magmax.merging._native) against the torch group kernels, bit for bit."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from helpers import (
+    SHAPES,
+    assert_state_dicts_bitwise_equal,
+    bitwise_equal,
+    make_finetuned,
+    make_state_dict,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import magmax
+from magmax.merging import _fused, _native
+
+pytestmark = pytest.mark.skipif(not _native.enabled(), reason="numba is not importable here")
+
+FOLDS = ["magmax", "average", "task_arithmetic", "random"]
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Run with the torch group kernels only (the reference for the native ones)."""
+
+    def use(flag: bool) -> None:
+        monkeypatch.setenv("MAGMAX_NATIVE", "1" if flag else "0")
+
+    return use
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Count native group calls (to prove the native path ran)."""
+    calls: list[str] = []
+    for name in ("magmax_group", "sum_group", "random_group"):
+        original = getattr(_native, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        for kernel_module, kernel_name in (
+            ("magmax", "magmax_kernel"),
+            ("task_arithmetic", "sum_kernel"),
+            ("random", "random_kernel"),
+        ):
+            import importlib
+
+            kernel = getattr(importlib.import_module(f"magmax.merging.{kernel_module}"), kernel_name)
+            if kernel.native is original:
+                monkeypatch.setattr(kernel, "native", spy)
+    return calls
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 8, 9, 17])
+@pytest.mark.parametrize("method", FOLDS)
+def test_native_merge_equals_torch_kernels(method, count, torch_kernels, native_calls):
+    base = make_state_dict(3, SHAPES)
+    fts = make_finetuned(base, count, seed=4, quantum=0.25)  # planted ties, zeros and sign flips
+    torch_kernels(False)
+    want = magmax.merge(method, base, fts)
+    assert not native_calls
+    torch_kernels(True)
+    got = magmax.merge(method, base, fts)
+    assert native_calls, "the native kernels did not run"
+    assert_state_dicts_bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("method", FOLDS)
+def test_native_streaming_equals_torch_streaming(method, torch_kernels):
+    base = make_state_dict(5, SHAPES)
+    fts = make_finetuned(base, 5, seed=6)
+    results = []
+    for flag in (False, True):
+        torch_kernels(flag)
+        merger = magmax.Merger(method, base)
+        merged = []
+        for ft in fts:
+            merger.add(ft)
+            merged.append(merger.merged())
+        results.append(merged)
+    for want, got in zip(*results):
+        assert_state_dicts_bitwise_equal(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 1e-40, -1e-40]), min_size=1, max_size=60),
+    count=st.integers(1, 12),
+    with_base=st.booleans(),
+)
+def test_magmax_native_fold_bits(values, count, with_base):
+    """Property: on values full of ties and signed zeros, native == torch kernel bit for bit."""
+    n = len(values) // count or 1
+    pool = torch.tensor(values * count, dtype=torch.float32)[: n * count].reshape(count, n)
+    base = torch.tensor(values[:n] + [0.0] * (n - len(values[:n])), dtype=torch.float32) if with_base else None
+    inputs = [pool[t].clone() for t in range(count)]
+
+    from magmax.merging.magmax import magmax_kernel
+
+    def fold(flag: bool) -> torch.Tensor:
+        previous = os.environ.get("MAGMAX_NATIVE")
+        os.environ["MAGMAX_NATIVE"] = "1" if flag else "0"
+        try:
+            return _fused.fold_operands(magmax_kernel, lambda t: (inputs[t], base), count)
+        finally:
+            if previous is None:
+                del os.environ["MAGMAX_NATIVE"]
+            else:
+                os.environ["MAGMAX_NATIVE"] = previous
+
+    assert bitwise_equal(fold(True), fold(False))
+
+
+def test_a_failing_native_kernel_falls_back_to_torch(monkeypatch, caplog):
+    from magmax.merging.magmax import magmax_kernel
+
+    base = make_state_dict(1, SHAPES)
+    fts = make_finetuned(base, 3, seed=2)
+    want = magmax.merge("magmax", base, fts)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no LLVM here")
+
+    monkeypatch.setattr(magmax_kernel, "native", broken)
+    monkeypatch.setattr(_native, "_disabled_after_error", False)
+    with caplog.at_level(logging.WARNING):
+        got = magmax.merge("magmax", base, fts)
+    assert "numba merge kernel failed" in caplog.text
+    assert not _native.enabled()
+    assert_state_dicts_bitwise_equal(got, want)
+
+
+# -- TIES: thresholds and the fused passes ----------------------------------------------------------
+
+
+def _thresholds_oracle(taus, k):
+    """kthvalue of |τ_t| over the concatenation, at the reference's rank d − int(d·K)."""
+    out = []
+    for tau in taus:
+        flat = torch.cat([v.reshape(-1) for v in tau.values()]).abs()
+        d = flat.numel()
+        out.append(float(torch.kthvalue(flat, d - int(d * k)).values))
+    return out
+
+
+@pytest.mark.parametrize("k", [0.2, 0.5, 0.01])
+@pytest.mark.parametrize("quantum", [None, 0.25])
+def test_bracketed_thresholds_equal_kthvalue(k, quantum, monkeypatch):
+    from magmax.merging import _threshold
+    from magmax.merging.base import TaskSlices
+
+    base = make_state_dict(7, {"a": (300, 70), "b": (4096,), "c": (3,)}, buffers=False)
+    fts = make_finetuned(base, 10, seed=8, quantum=quantum)
+    taus = [{key: ft[key] - base[key] for key in base} for ft in fts]
+    monkeypatch.setattr(_threshold, "SAMPLE", 512)  # a real bracket (not the whole model) on a small model
+    calls = []
+    radix = _threshold._radix
+    monkeypatch.setattr(_threshold, "_radix", lambda *a: calls.append(a) or radix(*a))
+
+    def stream():
+        for key in base:
+            yield key, TaskSlices(key, len(fts), lambda t, key=key: taus[t][key], base=base[key],
+                                  finetuned=lambda t, key=key: fts[t][key])
+
+    total = sum(v.numel() for v in base.values())
+    got = _threshold.global_topk_thresholds(stream, len(fts), total, k)
+    assert got == _thresholds_oracle(taus, k)
+    if quantum is None:  # continuous values: the bracket decides; heavy ties may overflow it (radix then)
+        assert not calls, "the bracket should have decided every task here"
+
+
+def test_bracket_misses_fall_back_to_the_exact_radix_select(monkeypatch):
+    from magmax.merging import _threshold
+
+    base = make_state_dict(9, SHAPES)
+    fts = make_finetuned(base, 3, seed=10)
+    want = magmax.merge("ties", base, fts)
+    monkeypatch.setattr(_threshold, "GATHER_CAP", 1)  # every bracket overflows
+    assert_state_dicts_bitwise_equal(magmax.merge("ties", base, fts), want)
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 11])
+@pytest.mark.parametrize("options", [{}, {"k": 0.5}, {"k": 1.0}])
+def test_native_ties_equals_torch_ties(count, options, torch_kernels):
+    base = make_state_dict(11, SHAPES)
+    fts = make_finetuned(base, count, seed=12, quantum=0.125)  # exact cancellations: the majority sign matters
+    torch_kernels(False)
+    want = magmax.merge("ties", base, fts, **options)
+    torch_kernels(True)
+    got = magmax.merge("ties", base, fts, **options)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key  # equal values (a zero's sign may differ)
