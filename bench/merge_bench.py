@@ -231,6 +231,7 @@ class Row:
     compiled_s: float | None = None
     compile_s: float | None = None
     e2e_s: float | None = None
+    e2e_compiled_s: float | None = None
     peak_bytes: int = 0
     note: str = ""
 
@@ -278,12 +279,14 @@ def fmt_ratio(num: float | None, den: float | None) -> str:
 
 def print_table(rows: Sequence[Row]) -> None:
     head = ("method", "T", "floor ms", "naive ms", "default ms", "torch eager ms", "compiled ms", "compile s",
-            "merge() ms", "default/floor", "compiled/floor", "naive/default", "naive/compiled", "peak MB")
+            "merge() ms", "merge() compiled ms", "default/floor", "compiled/floor", "naive/default", "naive/compiled",
+            "peak MB")
     lines = [head]
     for r in rows:
         lines.append((
             r.method, str(r.tasks), fmt_ms(r.floor_s), fmt_ms(r.naive_s), fmt_ms(r.eager_s), fmt_ms(r.torch_eager_s),
             fmt_ms(r.compiled_s), "—" if r.compile_s is None else f"{r.compile_s:.1f}", fmt_ms(r.e2e_s),
+            fmt_ms(r.e2e_compiled_s),
             fmt_ratio(r.eager_s, r.floor_s), fmt_ratio(r.compiled_s, r.floor_s),
             fmt_ratio(r.naive_s, r.eager_s), fmt_ratio(r.naive_s, r.compiled_s),
             f"{r.peak_bytes / 2**20:,.0f}",
@@ -315,6 +318,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a cell once it would exceed this")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--e2e-compiled", action="store_true", help="also time merge() with torch.compile'd kernels")
     p.add_argument("--no-torch-eager", action="store_true", help="skip the torch eager column (CPU, native kernels on)")
     p.add_argument("--compiled", action="store_true", help="measure the torch.compile column even with --quick")
     p.add_argument("--no-e2e", action="store_true", help="skip the magmax.merge() column")
@@ -411,6 +415,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row.e2e_s, _, _ = measure(merge, args.repeats, device, args.budget_s)
                 if row.e2e_s is None:
                     notes.append(f"merge() stopped after {args.budget_s:.0f} s")
+                if args.e2e_compiled and name in FUSED:
+                    os.environ["MAGMAX_NATIVE"] = "0"
+                    _fused.set_compile_mode("always")
+                    merge()  # compiles
+                    row.e2e_compiled_s, _, _ = measure(merge, args.repeats, device, args.budget_s)
+                    os.environ["MAGMAX_NATIVE"] = "1" if native else "0"
+                    _fused.set_compile_mode("never")
             row.note = "; ".join(notes)
             rows.append(row)
             print(f"  done {name} T={count}", file=sys.stderr, flush=True)

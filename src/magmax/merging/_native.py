@@ -133,20 +133,21 @@ if _IMPORTED:
 
     @njit(parallel=True, cache=True, nogil=True)
     def _random(state, base, has_base, first, x0, xs, keys, thresholds, offset):  # pragma: no cover - compiled
-        low32 = np.int64(0xFFFFFFFF)
-        spread_mul = np.int64(0x61C88647)
-        mix = np.int64(0x45D9F3B)
+        # uint32 arithmetic wraps mod 2^32, exactly the torch kernel's int64 steps followed by "& 0xFFFFFFFF".
+        spread_mul = np.uint32(0x61C88647)
+        mix = np.uint32(0x45D9F3B)
+        shift = np.uint32(16)
         for i in prange(state.shape[0]):
             b = base[i] if has_base else np.float32(0.0)
             choice = x0[i] - b if first else state[i]  # t = 0 is always taken
-            spread = (((offset + i) & low32) * spread_mul) & low32
+            spread = np.uint32(np.uint32(offset + i) * spread_mul)
             j = 0
             for x in xs:
-                h = spread + keys[j]
-                h = h ^ (h >> 16)
-                h = (h * mix) & low32
-                h = h ^ (h >> 16)
-                h = (h * mix) & low32
+                h = np.uint32(spread + keys[j])
+                h = np.uint32(h ^ (h >> shift))
+                h = np.uint32(h * mix)
+                h = np.uint32(h ^ (h >> shift))
+                h = np.uint32(h * mix)
                 v = x[i] - b
                 choice = v if h <= thresholds[j] else choice
                 j += 1
@@ -188,7 +189,9 @@ if _IMPORTED:
         s, b, has_base, x0, xs = _common(state, base, inputs, first)
         rows = params.numpy()[1:] if first else params.numpy()
         with _threads():
-            _random(s, b, has_base, first, x0, xs, np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1]), 0)
+            keys = rows[:, 0].astype(np.uint32)
+            thresholds = rows[:, 1].astype(np.uint32)  # ⌈2^32/(t+1)⌉ − 1 < 2^32
+            _random(s, b, has_base, first, x0, xs, keys, thresholds, 0)
 
 else:  # pragma: no cover - without numba every group runs the torch kernels
     magmax_group = sum_group = random_group = None  # type: ignore[assignment]
@@ -222,10 +225,14 @@ if _IMPORTED:
                 f += 1
         return (n - phase + stride - 1) // stride if n > phase else 0
 
+    GATHER_CHUNK = 256
+    """Entries per step of the count-and-gather pass: small, so that most steps hold no bracketed value
+    and skip the copy-out loop (at a 0.2% bracket, about 60% of the steps)."""
+
     @njit(cache=True)
     def _count_gather_task(x, b0, lo, m, low, high, gathered, j, f, mags):  # pragma: no cover - compiled
-        # A vectorised pass counts (no branches); when the chunk holds in-bracket values (about 1% of
-        # them), a branch-free compaction (write every value, advance only on a hit) copies them out.
+        # A vectorised pass counts (no branches); when the step holds in-bracket values, a branch-free
+        # compaction (write every value, advance only on a hit) copies them out.
         below = 0
         inside = 0
         for k in range(m):
@@ -248,11 +255,12 @@ if _IMPORTED:
     @njit(cache=True, nogil=True)
     def _count_gather_serial(base, has_base, xs, count, low, high, below, gathered, filled):  # pragma: no cover
         n = xs[0].shape[0]
-        b0 = np.empty(CHUNK, np.float32)
-        mags = np.empty(CHUNK + 1, np.float32)
-        for c in range((n + CHUNK - 1) // CHUNK):
-            lo = c * CHUNK
-            m = min(CHUNK, n - lo)
+        step = GATHER_CHUNK
+        b0 = np.empty(step, np.float32)
+        mags = np.empty(step + 1, np.float32)
+        for c in range((n + step - 1) // step):
+            lo = c * step
+            m = min(step, n - lo)
             _load_base(base, has_base, lo, m, b0)
             for j in range(count):
                 nb, f = _count_gather_task(xs[j], b0, lo, m, low[j], high[j], gathered, j, filled[j], mags)
@@ -263,12 +271,13 @@ if _IMPORTED:
     def _count_gather_by_task(base, has_base, xs, count, low, high, below, gathered, filled):  # pragma: no cover
         # One task per thread (θ0 is then read once per task): no shared counters, no races.
         n = xs[0].shape[0]
+        step = GATHER_CHUNK
         for j in prange(count):
-            b0 = np.empty(CHUNK, np.float32)
-            mags = np.empty(CHUNK + 1, np.float32)
-            for c in range((n + CHUNK - 1) // CHUNK):
-                lo = c * CHUNK
-                m = min(CHUNK, n - lo)
+            b0 = np.empty(step, np.float32)
+            mags = np.empty(step + 1, np.float32)
+            for c in range((n + step - 1) // step):
+                lo = c * step
+                m = min(step, n - lo)
                 _load_base(base, has_base, lo, m, b0)
                 nb, f = _count_gather_task(xs[j], b0, lo, m, low[j], high[j], gathered, j, filled[j], mags)
                 below[j] += nb

@@ -7,7 +7,7 @@ update per entry. Here all tasks are served together, and the histogram is repla
 
 1. **Sample** (reads about 1/``stride`` of the memory): |τ_t| at every ``stride``-th position of the
    concatenated model, about ``SAMPLE`` values per task. From the sorted sample, a bracket
-   [lo_t, hi_t] around the quantile r/d, six binomial standard deviations (plus 32 ranks) wide.
+   [lo_t, hi_t] around the quantile r/d, five binomial standard deviations (plus 32 ranks) to each side.
 2. **Count and gather** (one pass): below_t = #{|τ_t| < lo_t}, and the magnitudes inside the
    bracket (about 1% of the entries) are copied out.
 3. **Select**: when below_t < r <= below_t + gathered_t, κ_t is the (r − below_t)-th smallest gathered
@@ -31,8 +31,11 @@ from magmax.merging import _fused, _native
 from magmax.merging._sparsify import global_topk_threshold, keep_fraction, kth_position
 from magmax.merging.base import TaskSlices
 
-SAMPLE = 1 << 18
-"""Target sample size per task (1 MiB of float32 each)."""
+SAMPLE = 1 << 20
+"""Target sample size per task (4 MiB of float32 each; fewer when many tasks, see ``SAMPLE_BYTES``)."""
+
+SAMPLE_BYTES = 1 << 28
+"""At most this much memory (256 MiB) for the samples of all tasks together."""
 
 GATHER_CAP = 1 << 23
 """At most this many bracketed magnitudes are kept per task (32 MiB); more means a radix fallback."""
@@ -74,7 +77,7 @@ def _radix(stream: SlicesStream, t: int, k: float) -> float | None:
 
 def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> list[float | None]:
     """κ_t by sample → bracket → count and gather; None where the bracket did not decide."""
-    stride = max(1, total // SAMPLE)
+    stride = max(1, total // min(SAMPLE, SAMPLE_BYTES // (4 * count)))
     capacity = total // stride + 2
     sample = np.empty((count, capacity), dtype=np.float32)
     taken = 0
@@ -95,11 +98,12 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> l
     low = np.empty(count, dtype=np.float32)
     high = np.empty(count, dtype=np.float32)
     quantile = (position - 0.5) / total
-    margin = 6.0 * math.sqrt(max(taken * quantile * (1 - quantile), 1.0)) + 32
+    margin = 5.0 * math.sqrt(max(taken * quantile * (1 - quantile), 1.0)) + 32  # P(miss) ≈ 3e-7 per side
     lo_index = math.floor(quantile * taken - margin)
     hi_index = math.ceil(quantile * taken + margin)
+    wanted = [i for i in (lo_index, hi_index) if 0 <= i < taken]
     for t in range(count):
-        values = np.sort(sample[t, :taken])
+        values = np.partition(sample[t, :taken], wanted) if wanted else sample[t, :taken]
         low[t] = values[lo_index] if lo_index >= 0 else 0.0
         high[t] = values[hi_index] if hi_index < taken else np.inf
     del sample

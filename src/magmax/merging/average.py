@@ -27,6 +27,7 @@ class Average(MergeMethod):
     reference = "Wortsman et al., Model soups, ICML 2022; MagMax paper's Avg baseline"
     default_scale = 1.0
     foldable = True
+    key_independent = True
 
     def init(self, key: str, first: Tensor) -> tuple[Tensor, int]:
         return first.to(torch.float32, copy=True), 1
@@ -37,9 +38,12 @@ class Average(MergeMethod):
 
     def result(self, state: tuple[Tensor, int], key: str) -> Tensor:
         total, count = state
-        return total / count
+        return total / torch.tensor(float(count), device=total.device)  # see merge_tensor
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        # The division runs after the fold, not inside a (possibly compiled) kernel: Triton's float32
-        # division is not correctly rounded, and the mean must be the same on every device.
-        return _fused.fold_slices(sum_kernel, slices).div_(len(slices))
+        # The division runs after the fold, not inside a (possibly compiled) kernel, and by a 0-d tensor
+        # on the device, not a Python number: CUDA divides by a scalar as a multiplication by its
+        # reciprocal (and Triton's division is not correctly rounded), while the mean must be the same
+        # on every device.
+        total = _fused.fold_slices(sum_kernel, slices)
+        return total.div_(torch.tensor(float(len(slices)), device=total.device))

@@ -99,6 +99,9 @@ class MergeMethod:
     foldable: ClassVar[bool] = False
     # Plain attributes, not ClassVar: a method's options may switch its statistics passes on or off.
     uses_task_stats: bool = False
+    key_independent: bool = False
+    """``merge_tensor`` treats every entry alike whatever tensor it belongs to (no key, shape or per-tensor
+    statistic enters), so consecutive tensors may be merged as one flat tensor (the engine does on GPUs)."""
     uses_global_reduce: bool = False
 
     def __init__(self, options: MethodOptions | None = None):

@@ -7,10 +7,11 @@ Streamed as reservoir sampling: after task t (1-based) each entry is replaced by
 (seed, tensor name, task, parameter index), so the result is exact for a given seed, independent of
 tensor order, the same in the batch and the streaming fold, and the same on CPU and CUDA.
 
-How it computes (:func:`random_kernel`), for task t (0-based) and parameter index i, in int64 holding
-32-bit values (no product exceeds 2^63):
+How it computes (:func:`random_kernel`), for task t (0-based) and parameter index i, in 32-bit unsigned
+arithmetic (the torch kernel holds the values in int64 and reduces mod 2^32 after every step; the numba
+kernel uses uint32 lanes, twice as many per vector):
 
-    x = (i·0x61C88647 mod 2^32) + k_t,       k_t = crc32(seed, tensor name, t) < 2^31  (``seed_for``)
+    x = (i·0x61C88647 + k_t) mod 2^32,       k_t = crc32(seed, tensor name, t) < 2^31  (``seed_for``)
     h = (·0x45D9F3B mod 2^32) ∘ xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16 (x),   xorshift16(y) = y ^ (y >> 16)
     replace iff h < ⌈2^32/(t+1)⌉                (probability 1/(t+1) up to 2^-32; always at t = 0)
     choice = τ_t ^ ((choice ^ τ_t) & keep)      (on the bit patterns; keep = all ones where not replaced)
@@ -69,7 +70,7 @@ def random_kernel(
     scratch = ws.buffer(torch.float32)
     for j in range(start, len(inputs)):
         cur = _fused.tau_of(scratch, inputs[j], base32).view(torch.int32)
-        torch.add(spread, step.params[j, 0], out=h)
+        torch.add(spread, step.params[j, 0], out=h).bitwise_and_(_LOW32)
         for _ in range(2):
             _xorshift16(h, tmp)
             h.mul_(_MIX).bitwise_and_(_LOW32)

@@ -98,6 +98,8 @@ class Ties(MergeMethod):
         # Only the global threshold needs a statistics pass over each whole task vector; per-tensor
         # thresholds are found inside the fold, so the engine must not read every task vector twice more.
         self.uses_task_stats = self.options.threshold == "global"
+        # With the global threshold every entry is trimmed and merged alike, whatever its tensor.
+        self.key_independent = self.options.threshold == "global"
         self._thresholds: dict[int, float | None] = {}
         self._majority: int | None = None
 
