@@ -20,6 +20,7 @@ are deleted at the end unless --keep. Not a test: minutes of CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from magmax.engine import TensorMeta
 from magmax.memory import ChildRun, format_bytes, run_measured
 from magmax.merge_config import parse_byte_size
 
+CHILD_TIMEOUT_S = 300.0
 CHILD = "import sys; from magmax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -72,7 +74,13 @@ def merge(base: Path, finetuned: list[Path], out: Path, limit: int | None) -> Ch
         str(out),
         "--force",
     ]
-    result = run_measured(argv, address_space_limit=limit)
+    # RLIMIT_AS counts address space reserved, not used: each thread's glibc malloc arena reserves 64 MB,
+    # so the kernels' threads would "use" hundreds of MB they never touch. Two arenas keep the cap honest.
+    # OpenBLAS (scipy's, which numba imports) can spin at start-up instead of failing when a cap leaves it
+    # too little room for its thread buffers: one thread keeps them small, and a run that has not
+    # finished after CHILD_TIMEOUT_S counts as failed.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OPENBLAS_NUM_THREADS": "1"}
+    result = run_measured(argv, address_space_limit=limit, env=env, timeout=CHILD_TIMEOUT_S)
     shutil.rmtree(out, ignore_errors=True)
     return result
 

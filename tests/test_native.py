@@ -198,3 +198,23 @@ def test_native_ties_equals_torch_ties(count, options, torch_kernels):
     got = magmax.merge("ties", base, fts, **options)
     for key, value in want.items():
         assert torch.equal(got[key], value), key  # equal values (a zero's sign may differ)
+
+
+def test_ties_falls_back_to_torch_when_the_native_kernels_fail(monkeypatch, caplog):
+    from magmax.merging import _native as native
+
+    base = make_state_dict(13, SHAPES)
+    fts = make_finetuned(base, 4, seed=14)
+    want = magmax.merge("ties", base, fts)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no LLVM here")
+
+    monkeypatch.setattr(native, "count_and_gather", broken)
+    monkeypatch.setattr(native, "ties_group", broken)
+    monkeypatch.setattr(native, "_disabled_after_error", False)
+    with caplog.at_level(logging.WARNING):
+        got = magmax.merge("ties", base, fts)
+    assert "numba merge kernel failed" in caplog.text
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key

@@ -34,7 +34,7 @@ from magmax.checkpoints import (
 from magmax.cli import app
 from magmax.engine import MergeRun, MergeStats, TensorMeta
 from magmax.errors import ConfigError
-from magmax.memory import format_bytes, peak_rss_bytes
+from magmax.memory import format_bytes, peak_rss_bytes, return_large_buffers_to_the_os
 from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
 
 ProgressCallback = Callable[[str, int], None]
@@ -120,6 +120,7 @@ class CheckpointMerge:
 
     def run(self, progress: ProgressCallback | None = None) -> MergeStats:
         config = self.config
+        return_large_buffers_to_the_os()  # keeps peak RSS to the tensors alive (see its docstring)
         writer = ShardedSafetensorsWriter(
             self.output.folder,
             self._planned_outputs(),

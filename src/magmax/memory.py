@@ -76,6 +76,27 @@ def _madvise() -> Callable[[int, int, int], int] | None:
     return _libc.madvise
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more by its own memory map (glibc only).
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after which
+    tensor-sized buffers come from the heap, where freed blocks stay resident unless they lie at its
+    top: an out-of-core merge, which allocates and frees tensors of the same sizes again and again,
+    then keeps more and more of them resident (peak RSS grew with the number of models read). A fixed
+    threshold keeps the resident set to the tensors alive. Returns whether it could be set.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+
+
 def release_pages(tensor: torch.Tensor) -> None:
     """Drop the resident pages under ``tensor`` when it is a read-only view of a private file mapping.
 

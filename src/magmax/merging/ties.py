@@ -144,6 +144,13 @@ class Ties(MergeMethod):
 
     def _native_pass(self, slices: Sequence[Tensor], majority: int) -> Any:
         """The fused CPU fold (global thresholds only): the balance (majority 0) or τ*; None if it cannot run."""
+        try:
+            return self._native_fold(slices, majority)
+        except Exception as exc:  # the native kernels are an optimisation: the torch fold gives the same result
+            _native.disable(exc)
+            return None
+
+    def _native_fold(self, slices: Sequence[Tensor], majority: int) -> Any:
         operands = getattr(slices, "operands", None)
         count = len(slices)
         if operands is None or self.options.threshold != "global" or not _native.enabled() or count == 0:
