@@ -116,22 +116,22 @@ def _tau_only(state: Tensor, base: Tensor | None, x: Tensor) -> None:
 # -- group kernels (the calling convention of magmax.merging._fused.run_group) ----------------------
 
 
-def magmax_group(state, base, inputs, first, last, params, group) -> None:
-    if first and len(inputs) == 1:
-        return _tau_only(state, base, inputs[0])
-    s, b, has_base, x0, xs = _common(state, base, inputs, first)
-    k = _kernels()
-    with _threads():
-        k.magmax_fold(s, b, has_base, first, x0, xs)
+def _fold_group(fold: str) -> NativeGroup:
+    """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest)``."""
+
+    def group(state, base, inputs, first, last, params, group) -> None:
+        if first and len(inputs) == 1:
+            return _tau_only(state, base, inputs[0])
+        s, b, has_base, x0, xs = _common(state, base, inputs, first)
+        kernel = getattr(_kernels(), fold)
+        with _threads():
+            kernel(s, b, has_base, first, x0, xs)
+
+    return group
 
 
-def sum_group(state, base, inputs, first, last, params, group) -> None:
-    if first and len(inputs) == 1:
-        return _tau_only(state, base, inputs[0])
-    s, b, has_base, x0, xs = _common(state, base, inputs, first)
-    k = _kernels()
-    with _threads():
-        k.sum_fold(s, b, has_base, first, x0, xs)
+magmax_group = _fold_group("magmax_fold")
+sum_group = _fold_group("sum_fold")
 
 
 def random_group(state, base, inputs, first, last, params, group) -> None:
