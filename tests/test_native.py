@@ -218,3 +218,25 @@ def test_ties_falls_back_to_torch_when_the_native_kernels_fail(monkeypatch, capl
     assert "numba merge kernel failed" in caplog.text
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("method", [*FOLDS, "ties"])
+def test_bfloat16_checkpoints_run_natively_and_exactly(method, torch_kernels, native_calls):
+    """bfloat16 entries are read as their exact float32 (bits << 16) inside the loops."""
+    base = make_state_dict(15, SHAPES, dtype=torch.bfloat16)
+    fts = make_finetuned(base, 10, seed=16)
+    torch_kernels(False)
+    want = magmax.merge(method, base, fts)
+    torch_kernels(True)
+    ties_calls = []
+    original = _native.ties_group
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_native, "ties_group", lambda *a, **k: ties_calls.append(1) or original(*a, **k))
+        got = magmax.merge(method, base, fts)
+    if method != "ties":
+        assert native_calls, "the native kernels did not run"
+        assert_state_dicts_bitwise_equal(got, want)
+    else:
+        assert ties_calls, "the native TIES passes did not run"
+        for key, value in want.items():
+            assert torch.equal(got[key], value), key

@@ -12,8 +12,9 @@ Exactness: the loops perform the same IEEE-754 float32 operations, in the same o
 kernels (numba compiles without fast-math, so nothing is reassociated or contracted into an FMA), and
 the random hash is the same int64 arithmetic; the tests check bit equality against the torch kernels.
 
-Only float32 inputs take this path (the engine forms τ in float32; bf16/fp16 checkpoints fall back to
-the torch kernels). A group has at most ``_fused.GROUP`` inputs, passed as a tuple (one compiled version
+float32 and bfloat16 inputs take this path (a bfloat16 entry is read as its exact float32: its bits
+followed by 16 zeros, as ``Tensor.float()`` does); float16 and float64 checkpoints fall back to the torch
+kernels. A group has at most ``_fused.GROUP`` inputs, passed as a tuple (one compiled version
 per group size); the count-and-gather pass takes a tuple padded to ``GROUP`` (it indexes it per chunk).
 """
 
@@ -47,13 +48,23 @@ def enabled() -> bool:
     return _AVAILABLE and not _disabled_after_error and flag not in ("0", "false", "no", "off")
 
 
+_NATIVE_INPUTS = (torch.float32, torch.bfloat16)
+
+
+def accepts_inputs(base: Tensor | None, inputs: Sequence[Tensor], group: int) -> bool:
+    """CPU inputs (and θ0), all float32 or all bfloat16 (read exactly as float32 in the loops), at most
+    ``group`` of them."""
+    if not 0 < len(inputs) <= group:
+        return False
+    dtype = inputs[0].dtype
+    if dtype not in _NATIVE_INPUTS or (base is not None and (base.dtype != dtype or base.device.type != "cpu")):
+        return False
+    return all(x.dtype == dtype and x.device.type == "cpu" for x in inputs)
+
+
 def accepts(state: Tensor, base: Tensor | None, inputs: Sequence[Tensor], group: int) -> bool:
-    """Whether a group can run natively: CPU, float32 everywhere, at most ``group`` inputs."""
-    if state.device.type != "cpu" or state.dtype != _F32 or not 0 < len(inputs) <= group:
-        return False
-    if base is not None and (base.dtype != _F32 or base.device.type != "cpu"):
-        return False
-    return all(x.dtype == _F32 and x.device.type == "cpu" for x in inputs)
+    """Whether a fold group can run natively: a float32 CPU state and :func:`accepts_inputs`."""
+    return state.device.type == "cpu" and state.dtype == _F32 and accepts_inputs(base, inputs, group)
 
 
 def disable(exc: Exception) -> None:
@@ -89,12 +100,16 @@ class _threads:  # noqa: N801 - a context manager that reads like one
 
 
 def _array(t: Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    """A numpy view; bfloat16 (which numpy lacks) as its uint16 bit patterns."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def _padded(inputs: Sequence[Tensor], group: int) -> tuple[np.ndarray, ...]:
     arrays = [_array(x) for x in inputs]
-    return tuple(arrays) + (_EMPTY,) * (group - len(arrays))
+    return tuple(arrays) + (np.empty(0, dtype=arrays[0].dtype),) * (group - len(arrays))
 
 
 def _common(state: Tensor, base: Tensor | None, inputs: Sequence[Tensor], first: bool) -> tuple[Any, ...]:
@@ -109,8 +124,8 @@ def _tau_only(state: Tensor, base: Tensor | None, x: Tensor) -> None:
     # A group that is just τ_0 (numba cannot type an empty tuple of inputs): the same float32 op in torch.
     if base is None:
         state.copy_(x)
-    else:
-        torch.sub(x, base, out=state)
+    else:  # float32(x) − float32(θ0): θ0 promoted first, so bfloat16 inputs are subtracted in float32
+        torch.sub(x, base.to(_F32), out=state)
 
 
 # -- group kernels (the calling convention of magmax.merging._fused.run_group) ----------------------

@@ -7,7 +7,33 @@ disk (``cache=True``). ``# pragma: no cover``: coverage cannot see inside compil
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):  # pragma: no cover - compiled
+    """Reinterpret a uint32 as the float32 with that bit pattern (an LLVM bitcast)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+def f32(value):  # pragma: no cover - replaced by the overload inside compiled code
+    """An input entry as float32: float32 entries as they are, bfloat16 ones (read as uint16) exactly."""
+    raise NotImplementedError
+
+
+@overload(f32, inline="always")
+def _f32_overload(value):  # pragma: no cover - compiled
+    if isinstance(value, types.Float):
+        return lambda value: value
+    if value == types.uint16:  # bfloat16 bits: its float32 is the same bits followed by 16 zeros
+        return lambda value: _bits_to_f32(np.uint32(value) << np.uint32(16))
+    return None
 
 CHUNK = 4096
 """Elements per chunk of the chunked kernels (the chunk's scratch stays in L1/L2)."""
@@ -16,7 +42,7 @@ CHUNK = 4096
 def _load_base(base, has_base, lo, m, out):  # pragma: no cover - compiled
     if has_base:
         for k in range(m):
-            out[k] = base[lo + k]
+            out[k] = f32(base[lo + k])
     else:
         for k in range(m):
             out[k] = np.float32(0.0)
@@ -29,11 +55,11 @@ def _load_base(base, has_base, lo, m, out):  # pragma: no cover - compiled
 @njit(parallel=True, cache=True, nogil=True)
 def magmax_fold(state, base, has_base, first, x0, xs):  # pragma: no cover - compiled
     for i in prange(state.shape[0]):
-        b = base[i] if has_base else np.float32(0.0)
-        best = x0[i] - b if first else state[i]
+        b = f32(base[i]) if has_base else np.float32(0.0)
+        best = f32(x0[i]) - b if first else state[i]
         mag = abs(best)
         for x in xs:
-            v = x[i] - b
+            v = f32(x[i]) - b
             a = abs(v)
             take = a >= mag  # ties go to the later task, as the reference fold
             best = v if take else best
@@ -45,10 +71,10 @@ def magmax_fold(state, base, has_base, first, x0, xs):  # pragma: no cover - com
 @njit(parallel=True, cache=True, nogil=True)
 def sum_fold(state, base, has_base, first, x0, xs):  # pragma: no cover - compiled
     for i in prange(state.shape[0]):
-        b = base[i] if has_base else np.float32(0.0)
-        total = x0[i] - b if first else state[i]
+        b = f32(base[i]) if has_base else np.float32(0.0)
+        total = f32(x0[i]) - b if first else state[i]
         for x in xs:
-            total = total + (x[i] - b)
+            total = total + (f32(x[i]) - b)
         state[i] = total
 
 # -- random mix ---------------------------------------------------------------------------------
@@ -60,8 +86,8 @@ def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset):
     mix = np.uint32(0x45D9F3B)
     shift = np.uint32(16)
     for i in prange(state.shape[0]):
-        b = base[i] if has_base else np.float32(0.0)
-        choice = x0[i] - b if first else state[i]  # t = 0 is always taken
+        b = f32(base[i]) if has_base else np.float32(0.0)
+        choice = f32(x0[i]) - b if first else state[i]  # t = 0 is always taken
         spread = np.uint32(np.uint32(offset + i) * spread_mul)
         j = 0
         for x in xs:
@@ -70,7 +96,7 @@ def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset):
             h = np.uint32(h * mix)
             h = np.uint32(h ^ (h >> shift))
             h = np.uint32(h * mix)
-            v = x[i] - b
+            v = f32(x[i]) - b
             choice = v if h <= thresholds[j] else choice
             j += 1
         state[i] = choice
@@ -84,8 +110,8 @@ def sample_magnitudes(base, has_base, xs, count, phase, stride, out, filled):  #
         x = xs[j]
         f = filled
         for i in range(phase, n, stride):
-            b = base[i] if has_base else np.float32(0.0)
-            out[j, f] = abs(x[i] - b)
+            b = f32(base[i]) if has_base else np.float32(0.0)
+            out[j, f] = abs(f32(x[i]) - b)
             f += 1
     return (n - phase + stride - 1) // stride if n > phase else 0
 
@@ -100,13 +126,13 @@ def _count_gather_task(x, b0, lo, m, low, high, gathered, j, f, mags):  # pragma
     below = 0
     inside = 0
     for k in range(m):
-        a = abs(x[lo + k] - b0[k])
+        a = abs(f32(x[lo + k]) - b0[k])
         below += a < low
         inside += (a >= low) & (a <= high)
     if inside:
         q = 0
         for k in range(m):
-            a = abs(x[lo + k] - b0[k])
+            a = abs(f32(x[lo + k]) - b0[k])
             mags[q] = a
             q += (a >= low) & (a <= high)
         cap = gathered.shape[1]
@@ -167,7 +193,7 @@ def _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s):  # 
     for x in xs:
         # Branch-free: adding +0.0 leaves a sum's value unchanged, so this is
         # Σ⁺ += clamp(τ̂, min=0), Σ⁻ += clamp(τ̂, max=0), n± += (τ̂ ≷ 0) as in the torch fold.
-        v = x[i] - b
+        v = f32(x[i]) - b
         trimmed = v if abs(v) >= kappas[j] else np.float32(0.0)  # trim: ties at κ_t kept
         ps = ps + max(trimmed, np.float32(0.0))
         ns = ns + min(trimmed, np.float32(0.0))
@@ -179,7 +205,7 @@ def _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s):  # 
 @njit(parallel=True, cache=True, nogil=True)
 def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, xs, kappas, first):  # pragma: no cover
     for i in prange(xs[0].shape[0]):
-        b = base[i] if has_base else np.float32(0.0)
+        b = f32(base[i]) if has_base else np.float32(0.0)
         ps, ns, pc, nc = _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s)
         pos_s[i] = ps
         neg_s[i] = ns
@@ -191,7 +217,7 @@ def ties_balance(pos_s, neg_s, npos_s, nneg_s, base, has_base, xs, kappas, first
     # #(elected sign > 0) − #(elected sign < 0), s = sign(Σ⁺ + Σ⁻)
     balance = 0
     for i in prange(xs[0].shape[0]):
-        b = base[i] if has_base else np.float32(0.0)
+        b = f32(base[i]) if has_base else np.float32(0.0)
         ps, ns, pc, nc = _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s)
         total = ps + ns
         balance += (total > 0) - (total < 0)
@@ -203,7 +229,7 @@ def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, den, base, has_base, xs, kappa
     # Σ⁻/max(n⁻, 1). The division runs as a second loop: fused into the first, LLVM leaves it scalar.
     n = xs[0].shape[0]
     for i in prange(n):
-        b = base[i] if has_base else np.float32(0.0)
+        b = f32(base[i]) if has_base else np.float32(0.0)
         ps, ns, pc, nc = _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s)
         total = ps + ns
         positive = (total > 0) | ((total == 0) & zero_positive)

@@ -49,7 +49,7 @@ class _NotNative(Exception):
 
 def _native_groups(slices: TaskSlices, count: int) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
     for start, stop, base, xs, _ in _fused.groups(slices.operands, count):
-        if not _native.accepts(xs[0], base, xs, _fused.GROUP):
+        if not _native.accepts_inputs(base, xs, _fused.GROUP):
             raise _NotNative
         yield start, stop, base, xs
 

@@ -161,7 +161,7 @@ class Ties(MergeMethod):
         state = out = None
         result: Any = None
         for start, stop, base, xs, shape in _fused.groups(operands, count):
-            if not _native.accepts(xs[0], base, xs, _fused.GROUP):
+            if not _native.accepts_inputs(base, xs, _fused.GROUP):
                 return None
             numel = xs[0].numel()
             if majority != 0 and out is None:
