@@ -240,3 +240,15 @@ def test_bfloat16_checkpoints_run_natively_and_exactly(method, torch_kernels, na
         assert ties_calls, "the native TIES passes did not run"
         for key, value in want.items():
             assert torch.equal(got[key], value), key
+
+
+def test_merges_from_several_threads_at_once_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = make_state_dict(17, SHAPES)
+    fts = make_finetuned(base, 9, seed=18)
+    want = magmax.merge("magmax", base, fts)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: magmax.merge("magmax", base, fts), range(8)))
+    for got in results:
+        assert_state_dicts_bitwise_equal(got, want)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -84,19 +85,34 @@ def _kernels() -> ModuleType:
     return _module
 
 
+_launch = threading.Lock()
+
+
 class _threads:  # noqa: N801 - a context manager that reads like one
-    """numba's threads = torch's intra-op threads for one call. numba's OpenMP layer resets the
-    process-wide OpenMP thread count when it starts, which torch shares: put torch's back after."""
+    """One kernel launch at a time, on torch's intra-op thread count.
+
+    numba's fallback threading layer (workqueue, where neither OpenMP nor TBB is usable) aborts the
+    process on concurrent launches from several Python threads: launches are serialised (each uses
+    every thread anyway). numba's OpenMP layer resets the process-wide OpenMP thread count when it
+    starts, which torch shares: torch's is put back after."""
 
     def __enter__(self) -> None:
         import numba
 
-        self.torch_threads = torch.get_num_threads()
-        numba.set_num_threads(max(1, min(self.torch_threads, numba.config.NUMBA_NUM_THREADS)))
+        _launch.acquire()
+        try:
+            self.torch_threads = torch.get_num_threads()
+            numba.set_num_threads(max(1, min(self.torch_threads, numba.config.NUMBA_NUM_THREADS)))
+        except BaseException:
+            _launch.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        if torch.get_num_threads() != self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        try:
+            if torch.get_num_threads() != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+        finally:
+            _launch.release()
 
 
 def _array(t: Tensor) -> np.ndarray:
