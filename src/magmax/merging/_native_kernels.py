@@ -35,9 +35,6 @@ def _f32_overload(value):  # pragma: no cover - compiled
         return lambda value: _bits_to_f32(np.uint32(value) << np.uint32(16))
     return None
 
-CHUNK = 4096
-"""Elements per chunk of the chunked kernels (the chunk's scratch stays in L1/L2)."""
-
 @njit(inline="always", cache=True)
 def _load_base(base, has_base, lo, m, out):  # pragma: no cover - compiled
     if has_base:
