@@ -5,7 +5,10 @@ elementwise op and a pass to write the running state back: 5–10× the bandwidt
 once, write the result once). Here a method writes its fold as a *group kernel*
 ``kernel(state, base, inputs, step, ws)``: it updates the running state **in place** by up to
 :data:`GROUP` inputs, forming each τ_t itself from the raw tensors (``TaskSlices.operands``), with
-``out=`` / in-place torch ops on scratch buffers taken from ``ws``. This module runs a group kernel
+``out=`` / in-place torch ops on scratch buffers taken from ``ws``. On CPU a kernel that names a numba
+twin (:func:`native`) runs that instead, when numba is there and the inputs are float32 or bfloat16
+(:mod:`magmax.merging._native`: one pass, no compile at merge time). Otherwise this module runs a group
+kernel
 
 * eagerly over cache-sized chunks, spread over ``torch.get_num_threads()`` threads: the state chunk and
   the scratch stay in cache, so each input is read from memory once and the state is written once per
@@ -217,7 +220,8 @@ def run_group(
     last: bool,
     params: Tensor | None,
 ) -> None:
-    """Apply ``kernel`` to flat, equally long tensors: compiled when :func:`_use_compiled` says so, else chunked."""
+    """Apply ``kernel`` to flat, equally long tensors: by its numba twin on CPU when it has one and the
+    inputs suit it (:mod:`magmax.merging._native`), compiled when :func:`_use_compiled` says so, else chunked."""
     numel = state.shape[0]
     if params is not None:
         params = params.to(state.device)
