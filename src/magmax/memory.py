@@ -65,7 +65,8 @@ def format_bytes(n: float) -> str:
 _libc: ctypes.CDLL | None = None
 
 
-def _madvise() -> Callable[[int, int, int], int] | None:
+def _c_library() -> ctypes.CDLL | None:
+    """The process's C library (Linux only), loaded once."""
     global _libc
     if not sys.platform.startswith("linux"):
         return None
@@ -73,7 +74,12 @@ def _madvise() -> Callable[[int, int, int], int] | None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _libc.madvise.restype = ctypes.c_int
-    return _libc.madvise
+    return _libc
+
+
+def _madvise() -> Callable[[int, int, int], int] | None:
+    libc = _c_library()
+    return None if libc is None else libc.madvise
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -88,13 +94,9 @@ def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
     then keeps more and more of them resident (peak RSS grew with the number of models read). A fixed
     threshold keeps the resident set to the tensors alive. Returns whether it could be set.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return False
+    libc = _c_library()
+    mallopt = getattr(libc, "mallopt", None)  # glibc's; absent from e.g. musl: nothing to tune there
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold))) if mallopt is not None else False
 
 
 def release_pages(tensor: torch.Tensor) -> None:

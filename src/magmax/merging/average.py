@@ -20,6 +20,13 @@ from magmax.merging.base import MergeMethod, register
 from magmax.merging.task_arithmetic import sum_kernel
 
 
+def mean_of_sum(total: Tensor, count: int) -> Tensor:
+    """total / T in place, dividing by a 0-d tensor on the device, not a Python number: CUDA divides by
+    a scalar as a multiplication by its reciprocal (and Triton's division is not correctly rounded),
+    while the mean must be the same on every device. Outside any (possibly compiled) kernel for that."""
+    return total.div_(torch.tensor(float(count), device=total.device))
+
+
 @register
 class Average(MergeMethod):
     name = "average"
@@ -38,12 +45,7 @@ class Average(MergeMethod):
 
     def result(self, state: tuple[Tensor, int], key: str) -> Tensor:
         total, count = state
-        return total / torch.tensor(float(count), device=total.device)  # see merge_tensor
+        return mean_of_sum(total.clone(), count)
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        # The division runs after the fold, not inside a (possibly compiled) kernel, and by a 0-d tensor
-        # on the device, not a Python number: CUDA divides by a scalar as a multiplication by its
-        # reciprocal (and Triton's division is not correctly rounded), while the mean must be the same
-        # on every device.
-        total = _fused.fold_slices(sum_kernel, slices)
-        return total.div_(torch.tensor(float(len(slices)), device=total.device))
+        return mean_of_sum(_fused.fold_slices(sum_kernel, slices), len(slices))

@@ -54,8 +54,8 @@ from magmax.merging._sparsify import (
     consensus_init,
     consensus_result,
     consensus_update,
-    elected_sign_balance,
     global_topk_threshold,
+    majority_sign,
     topk_threshold,
     trim,
 )
@@ -117,10 +117,7 @@ class Ties(MergeMethod):
 
     def reduce_states(self, states: Iterable[tuple[str, ConsensusState | int]]) -> None:
         """m from every tensor's elected-sign balance (an int) or its final fold state."""
-        balance = 0
-        for _, state in states:
-            balance += state if isinstance(state, int) else elected_sign_balance(state)
-        self._majority = (balance > 0) - (balance < 0)
+        self._majority = majority_sign(states)
 
     # -- fold ------------------------------------------------------------------------------------------
     def _trimmed(self, tau: Tensor, t: int) -> Tensor:
