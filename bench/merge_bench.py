@@ -147,9 +147,15 @@ def merge_task_vectors(method: MergeMethod, taus: Sequence[Mapping[str, Tensor]]
     if method.uses_task_stats:
         total = sum(taus[0][key].numel() for key in keys)
         method.observe_tasks(lambda: ((key, slices(key)) for key in keys), len(taus), total)
-    if method.uses_global_reduce:
+    deferred = method.uses_global_reduce and method.defers_global_reduce
+    if deferred:
+        method.begin_deferred_reduce()
+    elif method.uses_global_reduce:
         method.reduce_states((key, method.global_contribution(key, slices(key))) for key in keys)
-    return {key: method.merge_tensor(key, slices(key)) for key in keys}
+    merged = {key: method.merge_tensor(key, slices(key)) for key in keys}
+    if deferred:
+        merged.update((key, method.merge_tensor(key, slices(key))) for key in method.provisional_units())
+    return merged
 
 
 def copy_bandwidth(size: int, device: torch.device, repeats: int) -> float:

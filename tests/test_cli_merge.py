@@ -519,3 +519,29 @@ def test_peak_memory_does_not_grow_with_the_number_of_models(tmp_path):
     peak2 = _peak_of_merge(tmp_path, base, fts[:2], "t2")
     peak6 = _peak_of_merge(tmp_path, base, fts, "t6")
     assert peak6 - peak2 < 24e6, f"peak RSS {format_bytes(peak2)} for T=2, {format_bytes(peak6)} for T=6"
+
+
+def test_ties_redo_of_provisional_tensors_rewrites_closed_shards(cli, tmp_path, monkeypatch):
+    """TIES merges before it knows the majority sign (on the guess m > 0) and merges again the tensors
+    whose entries cancel exactly (elected sign 0) when the model's majority turns out negative: the
+    out-of-core writer replaces them in shards it has closed already."""
+    base = {"a.weight": torch.zeros(4, 3), "b.weight": torch.zeros(6), "c.bias": torch.zeros(5)}
+    ft1 = {"a.weight": torch.full((4, 3), 1.0), "b.weight": -torch.ones(6), "c.bias": -torch.ones(5)}
+    ft2 = {"a.weight": torch.full((4, 3), -1.0), "b.weight": -torch.ones(6), "c.bias": -torch.ones(5)}
+    ft1["a.weight"][0, 0] = 3.0  # one entry of "a" keeps a positive elected sign
+    paths = [save(state, tmp_path / "in" / f"{name}.safetensors", "safetensors")
+             for name, state in (("base", base), ("ft1", ft1), ("ft2", ft2))]
+    from magmax.merging.ties import Ties
+
+    redone: list[list[str]] = []
+    original = Ties.provisional_units
+    monkeypatch.setattr(Ties, "provisional_units", lambda self: redone.append(original(self)) or redone[-1])
+    out = tmp_path / "out"
+    code, _, stderr = cli("--method", "ties", "--option", "k=1.0", "--base", paths[0], *paths[1:], "-o", out,
+                          "--shard-size", "40B")
+    assert code == 0, stderr
+    assert redone == [["a.weight"]]
+    want = magmax.merge("ties", base, [ft1, ft2], k=1.0)
+    assert float(want["a.weight"][1, 1]) == pytest.approx(-0.55)  # 1 and −1 cancel: the negative majority decides
+    assert_bit_equal(load_output(out), want)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) == 3

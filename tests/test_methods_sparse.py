@@ -393,8 +393,8 @@ class CountingReader(DictReader):
 @pytest.mark.parametrize(
     "name,options,reads",
     [
-        ("ties", {}, 4),  # sample + count-and-gather (thresholds) + majority-sign pass + merge pass
-        ("ties", {"threshold": "per_tensor"}, 2),  # no statistics pass: thresholds are found in the fold
+        ("ties", {}, 3),  # sample + count-and-gather (thresholds) + merge pass (the majority sign deferred)
+        ("ties", {"threshold": "per_tensor"}, 1),  # no statistics pass: thresholds are found in the fold
         ("dare", {}, 1),
         ("dare", {"combine": "ties"}, 2),
         ("breadcrumbs", {}, 1),
@@ -541,3 +541,34 @@ def test_breadcrumbs_does_not_alias_its_inputs():
     m.add_task_vector({"s": tau1})
     m.add_task_vector({"s": tau2})
     assert float(m.task_vector()["s"]) == 3.0 and float(tau1) == 1.0
+
+
+@pytest.mark.parametrize("guess", ["sampled", "wrong"])
+@pytest.mark.parametrize("lean", [1, -1])
+def test_ties_batch_merge_defers_the_majority_sign_exactly(guess, lean, monkeypatch):
+    """The batch merge runs before the majority sign is known, on a guess (from the thresholds' sample),
+    and merges again the tensors whose elected sign cancels to 0: right or wrong guess, the oracle's τ*."""
+    from magmax.merging import ties as ties_module
+
+    gen = torch.Generator().manual_seed(21 + lean)
+    base = {"a": torch.zeros(64, 32), "b": torch.zeros(500), "c": torch.zeros(7)}
+    # Quarter steps (exact cancellations everywhere) leaning to one side: the majority sign is `lean`.
+    fts = [{k: (torch.randint(-3, 4, v.shape, generator=gen) + lean).float() * 0.25 for k, v in base.items()}
+           for _ in range(5)]
+    real = ties_module.sampled_majority
+    guesses: list[int] = []
+
+    def spy(sample, kappas):
+        guesses.append(real(sample, kappas) if guess == "sampled" else -lean)
+        return guesses[-1]
+
+    monkeypatch.setattr(ties_module, "sampled_majority", spy)
+    redone: list[list[str]] = []
+    provisional = ties_module.Ties.provisional_units
+    monkeypatch.setattr(ties_module.Ties, "provisional_units", lambda self: redone.append(provisional(self)) or redone[-1])
+    got = magmax.merge("ties", base, fts, k=0.5, scale=1.0)  # θ0 = 0: the merged model is τ*
+    expected, _ = oracle_ties(base, fts, k=0.5)
+    for key in base:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=0)
+    assert guesses == [lean if guess == "sampled" else -lean]
+    assert (redone == [[]]) == (guess == "sampled")  # a wrong guess re-merges the tensors with cancellations

@@ -547,20 +547,42 @@ class ShardedSafetensorsWriter:
         if handle is not None:
             handle.close()
 
-    def write(self, key: str, tensor: Tensor) -> None:
-        slot = self._slots.get(key)
-        if slot is None or slot.written:
-            raise ValueError(f"tensor '{key}' was not planned for this output, or is written twice")
+    @staticmethod
+    def _data(key: str, slot: _Slot, tensor: Tensor) -> memoryview:
         if tuple(tensor.shape) != slot.meta.shape or tensor.dtype != slot.meta.dtype:
             raise ValueError(
                 f"tensor '{key}' is {tuple(tensor.shape)} {tensor.dtype}, planned {slot.meta.shape} {slot.meta.dtype}"
             )
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._write_at(slot.shard, slot.offset, memoryview(data))
+        return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def write(self, key: str, tensor: Tensor) -> None:
+        slot = self._slots.get(key)
+        if slot is None or slot.written:
+            raise ValueError(f"tensor '{key}' was not planned for this output, or is written twice")
+        self._write_at(slot.shard, slot.offset, self._data(key, slot, tensor))
         slot.written = True
         self._pending[slot.shard] -= 1
         if self._pending[slot.shard] == 0:
             self._close_shard(slot.shard)
+
+    def replace(self, key: str, tensor: Tensor) -> None:
+        """Overwrite a tensor written before, in place (its shard may be closed already)."""
+        slot = self._slots.get(key)
+        if slot is None or not slot.written:
+            raise ValueError(f"tensor '{key}' cannot be replaced: it was not written")
+        data = self._data(key, slot, tensor)
+        if slot.shard in self._files:
+            self._write_at(slot.shard, slot.offset, data)
+            return
+        path = self._path(slot.shard)
+        try:
+            with io.FileIO(path, "r+") as handle:
+                handle.seek(slot.offset)
+                self._write_all(handle, data)
+        except OSError as exc:
+            raise MergeInputError(
+                f"{path}: cannot write ({exc.strerror}); free disk space or choose another output"
+            ) from None
 
     def close(self) -> list[Path]:
         """Finish: all planned tensors must have been written. Returns the files written."""

@@ -48,6 +48,10 @@ class TensorReader(Protocol):
 class TensorWriter(Protocol):
     def write(self, key: str, tensor: Tensor) -> None: ...
 
+    def replace(self, key: str, tensor: Tensor) -> None:
+        """Write an already written key again (same shape and dtype)."""
+        ...
+
 
 class DictReader:
     """A state dict in memory as a :class:`TensorReader`."""
@@ -72,6 +76,9 @@ class DictWriter:
         self.state: dict[str, Tensor] = {}
 
     def write(self, key: str, tensor: Tensor) -> None:
+        self.state[key] = tensor
+
+    def replace(self, key: str, tensor: Tensor) -> None:
         self.state[key] = tensor
 
 
@@ -227,7 +234,11 @@ class MergeRun:
         def load(t: int) -> Tensor:
             return task_vector_tensor(base_tensor, finetuned(t))
 
-        return TaskSlices(name, len(self.finetuned), load, base=base_tensor, finetuned=finetuned)
+        # Tensors of in-memory state dicts on the CPU are not copied by loading: a kernel may hold all T.
+        resident = self.device.type == "cpu" and len(unit.keys) == 1 and all(
+            isinstance(reader, DictReader) for reader in (self.base, *self.finetuned)
+        )
+        return TaskSlices(name, len(self.finetuned), load, base=base_tensor, finetuned=finetuned, resident=resident)
 
     # -- running -------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -237,35 +248,51 @@ class MergeRun:
             total = sum(self.base.meta(key).numel for key in self.float_keys)
             m.observe_tasks(lambda: ((name, self.slices(name)) for name in self.units), len(self.finetuned), total)
         if m.uses_global_reduce:
-            m.reduce_states((name, m.global_contribution(name, self.slices(name))) for name in self.units)
+            if m.defers_global_reduce:
+                m.begin_deferred_reduce()
+            else:
+                m.reduce_states((name, m.global_contribution(name, self.slices(name))) for name in self.units)
 
     def iter_merged(self) -> Iterator[tuple[str, Tensor]]:
-        """(key, merged tensor) in base key order; non-float tensors come from the base unchanged."""
+        """(key, merged tensor) in base key order; non-float tensors come from the base unchanged.
+
+        With a deferred global reduce, tensors whose first result was provisional come again at the end
+        (same key, final value): a consumer keeps the last one."""
         self.prepare()
-        scale = self.method.scale
         for unit in self.plan:
             if not unit.merged:
                 yield unit.name, self.base.get(unit.name).cpu().clone()
                 continue
-            base_tensor = self._load_unit(self.base, -1, unit)
-            tau = self.method.merge_tensor(unit.name, self.slices(unit.name, base_tensor))
-            merged = combine(base_tensor, tau, scale, self.out_dtype)
-            del tau, base_tensor
-            if len(unit.keys) == 1:
-                yield unit.name, merged.cpu()
-                continue
-            offset = 0
-            for key in unit.keys:
-                meta = self.base.meta(key)
-                # Each key copied out on its own (not views of one buffer: merged tensors must not share
-                # storage, which safetensors refuses).
-                part = merged[offset : offset + meta.numel].view(meta.shape)
-                yield key, part.cpu() if part.device.type != "cpu" else part.clone()
-                offset += meta.numel
+            yield from self._merge_unit(unit)
+        if self.method.uses_global_reduce and self.method.defers_global_reduce:
+            for name in self.method.provisional_units():
+                yield from self._merge_unit(self.units[name])
+
+    def _merge_unit(self, unit: Unit) -> Iterator[tuple[str, Tensor]]:
+        base_tensor = self._load_unit(self.base, -1, unit)
+        tau = self.method.merge_tensor(unit.name, self.slices(unit.name, base_tensor))
+        merged = combine(base_tensor, tau, self.method.scale, self.out_dtype)
+        del tau, base_tensor
+        if len(unit.keys) == 1:
+            yield unit.name, merged.cpu()
+            return
+        offset = 0
+        for key in unit.keys:
+            meta = self.base.meta(key)
+            # Each key copied out on its own (not views of one buffer: merged tensors must not share
+            # storage, which safetensors refuses).
+            part = merged[offset : offset + meta.numel].view(meta.shape)
+            yield key, part.cpu() if part.device.type != "cpu" else part.clone()
+            offset += meta.numel
 
     def run(self, writer: TensorWriter, progress: Callable[[str, int], None] | None = None) -> MergeStats:
         stats = MergeStats()
+        seen: set[str] = set()
         for key, tensor in self.iter_merged():
+            if key in seen:  # a provisional result replaced (deferred global reduce): counted once
+                writer.replace(key, tensor)
+                continue
+            seen.add(key)
             writer.write(key, tensor)
             stats.tensors += 1
             stats.parameters += tensor.numel()

@@ -163,16 +163,16 @@ def fold_slices(kernel: GroupKernel, slices: Sequence[Tensor], params: ParamsFn 
 
 
 def groups(
-    operands: Callable[[int], tuple[Tensor, Tensor | None]], count: int
+    operands: Callable[[int], tuple[Tensor, Tensor | None]], count: int, size: int = GROUP
 ) -> Iterator[tuple[int, int, Tensor | None, list[Tensor], torch.Size]]:
     """(start, stop, θ0 or None, flat inputs start..stop−1, the inputs' shape) for the groups of at most
-    :data:`GROUP` inputs.
+    ``size`` inputs (default :data:`GROUP`).
 
-    A consumer must drop a group's tensors before asking for the next: then at most GROUP raw tensors of
-    one key are alive at a time, whatever ``count``.
+    A consumer must drop a group's tensors before asking for the next: then at most ``size`` raw tensors
+    of one key are alive at a time, whatever ``count``.
     """
-    for start in range(0, count, GROUP):
-        stop = min(start + GROUP, count)
+    for start in range(0, count, size):
+        stop = min(start + size, count)
         pairs = [operands(t) for t in range(start, stop)]
         base = pairs[0][1]
         shape = pairs[0][0].shape

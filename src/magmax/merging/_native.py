@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -180,43 +181,64 @@ def random_group(state, base, inputs, first, last, params, group) -> None:
 # -- TIES ------------------------------------------------------------------------------------------
 
 
-def sample_magnitudes(base, inputs, phase, stride, out, filled, group) -> int:
-    """Append |τ_j| at every ``stride``-th position (from ``phase``) of one tensor to ``out[j, filled:]``."""
+def sample_entries(base, inputs, phase, stride, out, filled, group) -> int:
+    """Append τ_j at every ``stride``-th position (from ``phase``) of one tensor to ``out[j, filled:]``."""
     has_base = base is not None
     xs = _padded(inputs, group)
-    return int(_kernels().sample_magnitudes(_array(base) if has_base else _EMPTY, has_base, xs, len(inputs),
+    return int(_kernels().sample_entries(_array(base) if has_base else _EMPTY, has_base, xs, len(inputs),
                                             phase, stride, out, filled))
 
 
 def count_and_gather(base, inputs, low, high, below, gathered, filled, group) -> None:
-    """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them)."""
-    import numba
+    """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them).
 
-    has_base = base is not None
-    xs = _padded(inputs, group)
-    b = _array(base) if has_base else _EMPTY
-    k = _kernels()
-    with _threads():
-        parallel = numba.get_num_threads() > 1 and len(inputs) > 1
-        kernel = k.count_gather_by_task if parallel else k.count_gather_serial
-        kernel(b, has_base, xs, len(inputs), low, high, below, gathered, filled)
-
-
-def ties_group(state, out, base, inputs, kappas, first, last, majority, group) -> int:
-    """One group of the TIES fold: not last → update ``state`` (four float32 arrays); last with
-    majority 0 → the elected-sign balance; last with majority 1 (m > 0) or 2 (m <= 0) → τ* in ``out``."""
+    With several torch threads the tasks are split into contiguous blocks, one serial (nogil) kernel
+    call per block on a thread of its own: each block reads θ0 once and owns its rows of the counters."""
     has_base = base is not None
     xs = tuple(_array(x) for x in inputs)
-    ps, ns, pc, nc = (_EMPTY,) * 4 if state is None else state
     b = _array(base) if has_base else _EMPTY
+    kernel = _kernels().count_gather
+    parts = max(1, min(torch.get_num_threads(), len(xs)))
+    if parts == 1:
+        kernel(b, has_base, xs, low, high, below, gathered, filled)
+        return
+    edges = [len(xs) * p // parts for p in range(parts + 1)]
+    blocks = [slice(edges[p], edges[p + 1]) for p in range(parts)]
+    pool = _pool(parts)
+    futures = [pool.submit(kernel, b, has_base, xs[blk], low[blk], high[blk], below[blk], gathered[blk],
+                           filled[blk]) for blk in blocks]
+    for future in futures:
+        future.result()
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _launch:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="magmax-native")
+        return _pools[workers]
+
+
+def ties_group(state, out, base, inputs, kappas, first, last, majority_positive) -> tuple[int, int]:
+    """One group of the TIES fold (any number of inputs): not last → update ``state`` (four float32
+    arrays); last → τ* in ``out`` (zero elected signs take the positive side when ``majority_positive``)
+    and (balance, ambiguous): the elected-sign balance and the number of entries whose value depends on
+    the majority sign."""
+    has_base = base is not None
+    arrays = [_array(x) for x in inputs]  # kept alive through the call: the kernel reads their addresses
+    addresses = np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+    ps, ns, pc, nc = (_EMPTY,) * 4 if state is None else state
+    b = _array(base) if has_base else arrays[0][:0]
     kap = np.asarray(kappas, dtype=np.float32)
+    n = arrays[0].shape[0]
     k = _kernels()
     with _threads():
         if not last:
-            k.ties_partial(ps, ns, pc, nc, b, has_base, xs, kap, first)
-            return 0
-        if majority == 0:
-            return int(k.ties_balance(ps, ns, pc, nc, b, has_base, xs, kap, first))
-        den = np.empty(xs[0].shape[0], dtype=np.float32)
-        k.ties_merge(ps, ns, pc, nc, _array(out), den, b, has_base, xs, kap, first, majority == 1)
-        return 0
+            k.ties_partial(ps, ns, pc, nc, b, has_base, addresses, arrays[0], n, kap, first)
+            return 0, 0
+        balance, ambiguous = k.ties_merge(ps, ns, pc, nc, _array(out), b, has_base, addresses, arrays[0], n, kap,
+                                          first, majority_positive)
+    del arrays
+    return int(balance), int(ambiguous)

@@ -7,7 +7,7 @@ disk (``cache=True``). ``# pragma: no cover``: coverage cannot see inside compil
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
 
@@ -20,6 +20,25 @@ def _bits_to_f32(typingctx, bits):  # pragma: no cover - compiled
         return builder.bitcast(args[0], context.get_value_type(types.float32))
 
     return sig, codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, like):  # pragma: no cover - compiled
+    """The int64 ``address`` as a pointer to entries of ``like``'s dtype (an LLVM inttoptr)."""
+    pointer = types.CPointer(like.dtype)
+    sig = pointer(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def _input(addresses, j, like, n):  # pragma: no cover - compiled
+    """Input j of a kernel that takes its inputs as addresses: any number of inputs, one compiled version
+    (a tuple of arrays compiles once per length). The caller keeps the arrays alive."""
+    return carray(_pointer(addresses[j], like), n)
 
 
 def f32(value):  # pragma: no cover - replaced by the overload inside compiled code
@@ -100,137 +119,174 @@ def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset):
 
 
 @njit(cache=True, nogil=True)
-def sample_magnitudes(base, has_base, xs, count, phase, stride, out, filled):  # pragma: no cover
-    # |x − θ0| at positions phase, phase + stride, … of this tensor, appended to out[j, filled:].
+def sample_entries(base, has_base, xs, count, phase, stride, out, filled):  # pragma: no cover
+    # x − θ0 at positions phase, phase + stride, … of this tensor, appended to out[j, filled:].
     n = xs[0].shape[0]
     for j in range(count):
         x = xs[j]
         f = filled
         for i in range(phase, n, stride):
             b = f32(base[i]) if has_base else np.float32(0.0)
-            out[j, f] = abs(f32(x[i]) - b)
+            out[j, f] = f32(x[i]) - b
             f += 1
     return (n - phase + stride - 1) // stride if n > phase else 0
 
-GATHER_CHUNK = 256
-"""Entries per step of the count-and-gather pass: small, so that most steps hold no bracketed value
-and skip the copy-out loop (at a 0.2% bracket, about 60% of the steps)."""
-
-@njit(cache=True)
-def _count_gather_task(x, b0, lo, m, low, high, gathered, j, f, mags):  # pragma: no cover - compiled
-    # A vectorised pass counts (no branches); when the step holds in-bracket values, a branch-free
-    # compaction (write every value, advance only on a hit) copies them out.
-    below = 0
-    inside = 0
-    for k in range(m):
-        a = abs(f32(x[lo + k]) - b0[k])
-        below += a < low
-        inside += (a >= low) & (a <= high)
-    if inside:
-        q = 0
-        for k in range(m):
-            a = abs(f32(x[lo + k]) - b0[k])
-            mags[q] = a
-            q += (a >= low) & (a <= high)
-        cap = gathered.shape[1]
-        for k in range(q):
-            if f < cap:
-                gathered[j, f] = mags[k]
-            f += 1
-    return below, f
+GATHER_STEP = 32
+"""Entries per counting step: small, so that most steps hold no bracketed value and skip the
+copy-out loop (at a 0.4% bracket, about 7 steps in 8)."""
 
 @njit(cache=True, nogil=True)
-def count_gather_serial(base, has_base, xs, count, low, high, below, gathered, filled):  # pragma: no cover
+def count_gather(base, has_base, xs, low, high, below, gathered, filled):  # pragma: no cover
+    # Element-outer like the folds: step by step, every task of the group is counted against the same
+    # entries of θ0, so the T inputs stream side by side (one input at a time reads far slower on one
+    # core). Per task and step, one vectorised loop of constant length counts (int32 lanes, no
+    # branches) and keeps the magnitudes in L1; only a step holding bracketed values runs the
+    # branch-free compaction (write every value to a second buffer, advance only on a hit; in place,
+    # store-to-load aliasing serialises it). The last n mod GATHER_STEP entries are counted in
+    # ``_count_gather_tail``. Serial and nogil: threads run it on disjoint sets of tasks (a branch
+    # choosing this thread's tasks inside the unrolled task loop halved its speed).
     n = xs[0].shape[0]
-    step = GATHER_CHUNK
-    b0 = np.empty(step, np.float32)
-    mags = np.empty(step + 1, np.float32)
-    for c in range((n + step - 1) // step):
-        lo = c * step
-        m = min(step, n - lo)
-        _load_base(base, has_base, lo, m, b0)
-        for j in range(count):
-            nb, f = _count_gather_task(xs[j], b0, lo, m, low[j], high[j], gathered, j, filled[j], mags)
-            below[j] += nb
-            filled[j] = f
-
-@njit(parallel=True, cache=True, nogil=True)
-def count_gather_by_task(base, has_base, xs, count, low, high, below, gathered, filled):  # pragma: no cover
-    # One task per thread (θ0 is then read once per task): no shared counters, no races.
-    n = xs[0].shape[0]
-    step = GATHER_CHUNK
-    for j in prange(count):
-        b0 = np.empty(step, np.float32)
-        mags = np.empty(step + 1, np.float32)
-        for c in range((n + step - 1) // step):
-            lo = c * step
-            m = min(step, n - lo)
-            _load_base(base, has_base, lo, m, b0)
-            nb, f = _count_gather_task(xs[j], b0, lo, m, low[j], high[j], gathered, j, filled[j], mags)
-            below[j] += nb
-            filled[j] = f
-
-# TIES runs as three element-outer kernels (one per role of a group, so no per-element branch on
-# it). State (Σ⁺, Σ⁻, n⁺, n⁻; counts as float32, exact below 2^24 tasks) lives in arrays between
-# groups and is ignored by a first group.
-
-@njit(inline="always", cache=True)
-def _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s):  # pragma: no cover
-    if first:
-        ps = np.float32(0.0)
-        ns = np.float32(0.0)
-        pc = np.float32(0.0)
-        nc = np.float32(0.0)
-    else:
-        ps = pos_s[i]
-        ns = neg_s[i]
-        pc = npos_s[i]
-        nc = nneg_s[i]
+    cap = gathered.shape[1]
+    full = n - n % GATHER_STEP
+    shared_below, shared_filled = below, filled
+    below = np.zeros(len(xs), np.int64)  # private copies: threads share the callers' cache lines
+    filled = shared_filled.copy()
+    b0 = np.empty(GATHER_STEP, np.float32)
+    mags = np.empty(GATHER_STEP, np.float32)
+    hits = np.empty(GATHER_STEP, np.float32)
+    for s in range(0, full, GATHER_STEP):
+        if has_base:
+            for k in range(GATHER_STEP):
+                b0[k] = f32(base[s + k])
+        else:
+            b0[:] = 0.0
+        j = 0
+        for x in xs:
+            lo_j = low[j]
+            hi_j = high[j]
+            step_below = np.int32(0)
+            upto_high = np.int32(0)
+            for k in range(GATHER_STEP):  # visibly >= 0 indices: no wrap-around test
+                a = abs(f32(x[s + k]) - b0[k])
+                mags[k] = a
+                step_below += np.int32(a < lo_j)
+                upto_high += np.int32(a <= hi_j)
+            below[j] += step_below
+            if upto_high != step_below:  # lo_j <= a <= hi_j somewhere
+                q = 0
+                for k in range(GATHER_STEP):
+                    a = mags[k]
+                    hits[q] = a
+                    q += (a >= lo_j) & (a <= hi_j)
+                f = filled[j]
+                for k in range(q):
+                    if f < cap:
+                        gathered[j, f] = hits[k]
+                    f += 1
+                filled[j] = f
+            j += 1
     j = 0
     for x in xs:
-        # Branch-free: adding +0.0 leaves a sum's value unchanged, so this is
-        # Σ⁺ += clamp(τ̂, min=0), Σ⁻ += clamp(τ̂, max=0), n± += (τ̂ ≷ 0) as in the torch fold.
-        v = f32(x[i]) - b
-        trimmed = v if abs(v) >= kappas[j] else np.float32(0.0)  # trim: ties at κ_t kept
-        ps = ps + max(trimmed, np.float32(0.0))
-        ns = ns + min(trimmed, np.float32(0.0))
-        pc += np.float32(trimmed > 0)
-        nc += np.float32(trimmed < 0)
+        _count_gather_tail(base, has_base, x, full, low[j], high[j], below, gathered, filled, j)
         j += 1
+    shared_below += below
+    shared_filled[:] = filled
+
+@njit(cache=True)
+def _count_gather_tail(base, has_base, x, start, lo_j, hi_j, below, gathered, filled, j):  # pragma: no cover
+    cap = gathered.shape[1]
+    for i in range(start, x.shape[0]):
+        a = abs(f32(x[i]) - (f32(base[i]) if has_base else np.float32(0.0)))
+        below[j] += a < lo_j
+        if (a >= lo_j) & (a <= hi_j):
+            if filled[j] < cap:
+                gathered[j, filled[j]] = a
+            filled[j] += 1
+
+# TIES runs as two kernels over blocks of entries: per block, the running state (Σ⁺, Σ⁻, n⁺, n⁻;
+# counts as float32, exact below 2^24 tasks) sits in L1-sized scratch arrays, and each task of the
+# group is a vectorised loop over the block (element-outer with the tasks unrolled inside, LLVM left
+# these loops scalar: 2.5x slower). The inputs come as addresses, so a group may hold every task
+# (inputs already in memory) without a compile per count. Between groups the state lives in arrays,
+# ignored by a first group.
+
+TIES_BLOCK = 2048
+"""Entries per block of the TIES kernels (five float32 scratch arrays: 40 KiB, about L1)."""
+
+@njit(inline="always", cache=True)
+def _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s):  # pragma: no cover
+    # Σ⁺ += clamp(τ̂, min=0), Σ⁻ += clamp(τ̂, max=0), n± += (τ̂ ≷ 0) over the tasks of the group, in task
+    # order, for entries lo..lo+m−1; branch-free: adding +0.0 leaves a sum's value unchanged.
+    b0 = np.empty(TIES_BLOCK, np.float32)
+    ps = np.empty(TIES_BLOCK, np.float32)
+    ns = np.empty(TIES_BLOCK, np.float32)
+    pc = np.empty(TIES_BLOCK, np.float32)
+    nc = np.empty(TIES_BLOCK, np.float32)
+    at = np.uint64(lo)  # unsigned indices: no wrap-around test, so LLVM vectorises
+    for k in range(m):
+        b0[k] = f32(base[at + np.uint64(k)]) if has_base else np.float32(0.0)
+    if first:
+        for k in range(m):
+            ps[k] = 0.0
+            ns[k] = 0.0
+            pc[k] = 0.0
+            nc[k] = 0.0
+    else:
+        for k in range(m):
+            i = at + np.uint64(k)
+            ps[k] = pos_s[i]
+            ns[k] = neg_s[i]
+            pc[k] = npos_s[i]
+            nc[k] = nneg_s[i]
+    for j in range(addresses.shape[0]):
+        x = _input(addresses, j, like, n)
+        kappa = kappas[j]
+        for k in range(m):
+            v = f32(x[at + np.uint64(k)]) - b0[k]
+            trimmed = v if abs(v) >= kappa else np.float32(0.0)  # trim: ties at κ_t kept
+            ps[k] = ps[k] + max(trimmed, np.float32(0.0))
+            ns[k] = ns[k] + min(trimmed, np.float32(0.0))
+            pc[k] += np.float32(trimmed > 0)
+            nc[k] += np.float32(trimmed < 0)
     return ps, ns, pc, nc
 
 @njit(parallel=True, cache=True, nogil=True)
-def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, xs, kappas, first):  # pragma: no cover
-    for i in prange(xs[0].shape[0]):
-        b = f32(base[i]) if has_base else np.float32(0.0)
-        ps, ns, pc, nc = _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s)
-        pos_s[i] = ps
-        neg_s[i] = ns
-        npos_s[i] = pc
-        nneg_s[i] = nc
+def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, addresses, like, n, kappas, first):  # pragma: no cover
+    for blk in prange((n + TIES_BLOCK - 1) // TIES_BLOCK):
+        lo = blk * TIES_BLOCK
+        m = min(TIES_BLOCK, n - lo)
+        ps, ns, pc, nc = _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s)
+        at = np.uint64(lo)
+        for k in range(m):
+            i = at + np.uint64(k)
+            pos_s[i] = ps[k]
+            neg_s[i] = ns[k]
+            npos_s[i] = pc[k]
+            nneg_s[i] = nc[k]
 
 @njit(parallel=True, cache=True, nogil=True)
-def ties_balance(pos_s, neg_s, npos_s, nneg_s, base, has_base, xs, kappas, first):  # pragma: no cover
-    # #(elected sign > 0) − #(elected sign < 0), s = sign(Σ⁺ + Σ⁻)
+def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, like, n, kappas, first, zero_positive):  # pragma: no cover
+    # τ* = Σ⁺/max(n⁺, 1) where the elected sign s = sign(Σ⁺ + Σ⁻) is positive (or 0 and the majority
+    # positive: ``zero_positive``), else Σ⁻/max(n⁻, 1). Returns the elected-sign balance
+    # #(s > 0) − #(s < 0) and the number of ambiguous entries (s = 0 with agreeing entries: there the
+    # majority decides).
     balance = 0
-    for i in prange(xs[0].shape[0]):
-        b = f32(base[i]) if has_base else np.float32(0.0)
-        ps, ns, pc, nc = _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s)
-        total = ps + ns
-        balance += (total > 0) - (total < 0)
-    return balance
-
-@njit(parallel=True, cache=True, nogil=True)
-def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, den, base, has_base, xs, kappas, first, zero_positive):  # pragma: no cover
-    # τ* = Σ⁺/max(n⁺, 1) where the elected sign is positive (or 0 and the majority positive), else
-    # Σ⁻/max(n⁻, 1). The division runs as a second loop: fused into the first, LLVM leaves it scalar.
-    n = xs[0].shape[0]
-    for i in prange(n):
-        b = f32(base[i]) if has_base else np.float32(0.0)
-        ps, ns, pc, nc = _ties_accumulate(i, b, xs, kappas, first, pos_s, neg_s, npos_s, nneg_s)
-        total = ps + ns
-        positive = (total > 0) | ((total == 0) & zero_positive)
-        out[i] = ps if positive else ns
-        den[i] = pc if positive else nc
-    for i in prange(n):
-        out[i] = out[i] / max(den[i], np.float32(1.0))
+    ambiguous = 0
+    for blk in prange((n + TIES_BLOCK - 1) // TIES_BLOCK):
+        lo = blk * TIES_BLOCK
+        m = min(TIES_BLOCK, n - lo)
+        ps, ns, pc, nc = _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s)
+        block_balance = np.int32(0)
+        block_ambiguous = np.int32(0)
+        at = np.uint64(lo)
+        for k in range(m):
+            total = ps[k] + ns[k]
+            positive = (total > 0) | ((total == 0) & zero_positive)
+            numerator = ps[k] if positive else ns[k]
+            count = pc[k] if positive else nc[k]
+            out[at + np.uint64(k)] = numerator / max(count, np.float32(1.0))
+            block_balance += np.int32(total > 0) - np.int32(total < 0)
+            block_ambiguous += np.int32((total == 0) & (pc[k] + nc[k] > 0))
+        balance += block_balance
+        ambiguous += block_ambiguous
+    return balance, ambiguous

@@ -183,6 +183,16 @@ def majority_sign(states: Iterable[tuple[str, ConsensusState | int]]) -> int:
     return (balance > 0) - (balance < 0)
 
 
+def zero_sign_ambiguity(state: ConsensusState) -> int:
+    """How many entries of one tensor's τ* depend on the majority sign: elected sign 0 and the two
+    candidate means (of the positive, of the negative entries) not bit-equal."""
+    pos_sum, neg_sum, pos_count, neg_count = state
+    pos_mean = pos_sum / pos_count.clamp(min=1)
+    neg_mean = neg_sum / neg_count.clamp(min=1)
+    differs = pos_mean.view(torch.int32) != neg_mean.view(torch.int32)
+    return int(((pos_sum + neg_sum == 0) & differs).sum())
+
+
 def consensus_result(state: ConsensusState, majority: int) -> Tensor:
     """Disjoint mean of the entries that agree with the elected sign.
 

@@ -5,8 +5,9 @@ TIES keeps, per task vector τ_t (all tensors of the model flattened, d entries)
 :mod:`magmax.merging._sparsify` needs two full passes per task, each with a 65,536-bin histogram
 update per entry. Here all tasks are served together, and the histogram is replaced by a bracket:
 
-1. **Sample** (reads about 1/``stride`` of the memory): |τ_t| at every ``stride``-th position of the
-   concatenated model, about ``SAMPLE`` values per task. From the sorted sample, a bracket
+1. **Sample** (reads about 1/``stride`` of the memory): τ_t at every ``stride``-th position of the
+   concatenated model (the same positions for every task), about ``SAMPLE`` values per task. From
+   the sorted magnitudes, a bracket
    [lo_t, hi_t] around the quantile r/d, five binomial standard deviations (plus 32 ranks) to each side.
 2. **Count and gather** (one pass): below_t = #{|τ_t| < lo_t}, and the magnitudes inside the
    bracket (about 1% of the entries) are copied out.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor
@@ -36,6 +38,9 @@ SAMPLE = 1 << 20
 
 SAMPLE_BYTES = 1 << 28
 """At most this much memory (256 MiB) for the samples of all tasks together."""
+
+KEPT_SAMPLE = 1 << 18
+"""At most about this many sampled positions are returned (1 MiB per task)."""
 
 GATHER_CAP = 1 << 23
 """At most this many bracketed magnitudes are kept per task (32 MiB); more means a radix fallback."""
@@ -54,32 +59,40 @@ def _native_groups(slices: TaskSlices, count: int) -> Iterator[tuple[int, int, T
         yield start, stop, base, xs
 
 
-def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k: float) -> list[float | None]:
-    """κ_t for t = 0..count−1 over the whole flattened task vectors (``None``: keep everything)."""
+@dataclass
+class Thresholds:
+    values: list[float | None]
+    """κ_t for t = 0..count−1 (``None``: keep everything)."""
+    sample: np.ndarray | None = None
+    """count × S: τ_t at S positions of the model spread evenly, the same for every task (when sampled)."""
+
+
+def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k: float) -> Thresholds:
+    """κ_t for t = 0..count−1 over the whole flattened task vectors, and the sample that bracketed them."""
     if keep_fraction(k) >= 1 or total_numel == 0:
-        return [None] * count
+        return Thresholds([None] * count)
     position = kth_position(total_numel, k)
     if position is None:
-        return [None] * count
+        return Thresholds([None] * count)
+    found: list[float | None] = [None] * count
+    sample = None
     if _native.enabled():
         try:
-            found = _bracketed(stream, count, total_numel, position)
+            found, sample = _bracketed(stream, count, total_numel, position)
         except _NotNative:
-            found = [None] * count
+            pass
         except Exception as exc:  # the native kernels are an optimisation: the radix select is exact too
             _native.disable(exc)
-            found = [None] * count
-    else:
-        found = [None] * count
-    return [value if value is not None else _radix(stream, t, k) for t, value in enumerate(found)]
+    values = [value if value is not None else _radix(stream, t, k) for t, value in enumerate(found)]
+    return Thresholds(values, sample)
 
 
 def _radix(stream: SlicesStream, t: int, k: float) -> float | None:
     return global_topk_threshold(lambda: (slices[t] for _, slices in stream()), k)
 
 
-def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> list[float | None]:
-    """κ_t by sample → bracket → count and gather; None where the bracket did not decide."""
+def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> tuple[list[float | None], np.ndarray]:
+    """κ_t by sample → bracket → count and gather (None where the bracket did not decide), and the sample."""
     stride = max(1, total // min(SAMPLE, SAMPLE_BYTES // (4 * count)))
     capacity = total // stride + 2
     sample = np.empty((count, capacity), dtype=np.float32)
@@ -91,7 +104,7 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> l
         got = 0
         for start, stop, base, xs in _native_groups(slices, count):
             numel = xs[0].numel()
-            got = _native.sample_magnitudes(base, xs, phase, stride, sample[start:stop], taken, _fused.GROUP)
+            got = _native.sample_entries(base, xs, phase, stride, sample[start:stop], taken, _fused.GROUP)
             del xs, base
         taken += got
         offset += numel or 0
@@ -106,9 +119,13 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> l
     hi_index = math.ceil(quantile * taken + margin)
     wanted = [i for i in (lo_index, hi_index) if 0 <= i < taken]
     for t in range(count):
-        values = np.partition(sample[t, :taken], wanted) if wanted else sample[t, :taken]
+        magnitudes = np.abs(sample[t, :taken])
+        values = np.partition(magnitudes, wanted) if wanted else magnitudes
         low[t] = values[lo_index] if lo_index >= 0 else 0.0
         high[t] = values[hi_index] if hi_index < taken else np.inf
+        del magnitudes, values
+    # Kept for TIES's guess of the majority sign: every few positions, evenly over the model.
+    kept = np.ascontiguousarray(sample[:, : taken : max(1, taken // KEPT_SAMPLE)])
     del sample
     # The bracket holds about this share of the entries; room for twice that (a little more for small models).
     share = (min(hi_index, taken) - max(lo_index, 0)) / max(taken, 1)
@@ -132,4 +149,4 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> l
             found.append(float(np.partition(values, inside - 1)[inside - 1]))
         else:
             found.append(None)
-    return found
+    return found, kept

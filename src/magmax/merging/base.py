@@ -58,8 +58,12 @@ class TaskSlices(Sequence[Tensor]):
         *,
         base: Tensor | None = None,
         finetuned: Callable[[int], Tensor] | None = None,
+        resident: bool = False,
     ):
         self.key = key
+        self.resident = resident
+        """Every slice's inputs are in memory already: a kernel may take all T at once (else at most
+        ``_fused.GROUP`` raw tensors at a time, so that out-of-core memory does not grow with T)."""
         self._count = count
         self._load = load
         self._base = base
@@ -83,7 +87,7 @@ class TaskSlices(Sequence[Tensor]):
 
     @classmethod
     def from_list(cls, key: str, taus: Sequence[Tensor]) -> TaskSlices:
-        return cls(key, len(taus), lambda t: taus[t])
+        return cls(key, len(taus), lambda t: taus[t], resident=True)
 
 
 SlicesStream = Callable[[], Iterator[tuple[str, TaskSlices]]]
@@ -136,6 +140,20 @@ class MergeMethod:
     def global_contribution(self, key: str, slices: Sequence[Tensor]) -> Any:
         """What :meth:`reduce_states` needs of one tensor in a batch merge (default: its final fold state)."""
         return self.fold(key, slices)
+
+    defers_global_reduce: bool = False
+    """With ``uses_global_reduce``: the batch merge may skip the pass over every tensor that
+    :meth:`reduce_states` needs. ``merge_tensor`` then collects the global statistic itself, and where
+    a tensor's τ* depended on a provisional value of it, :meth:`provisional_units` names that tensor
+    for a second ``merge_tensor`` call once every tensor has been merged."""
+
+    def begin_deferred_reduce(self) -> None:
+        """A batch merge with a deferred reduce starts (only called if ``defers_global_reduce``)."""
+
+    def provisional_units(self) -> list[str]:
+        """After every tensor's ``merge_tensor``: the keys to merge again, now that the global statistic
+        is known (only called if ``defers_global_reduce``)."""
+        return []
 
     # -- fold --------------------------------------------------------------------------------------
     def init(self, key: str, first: Tensor) -> Any:

@@ -23,11 +23,13 @@ and counts of the positive and of the negative trimmed entries (Σ⁺, Σ⁻, n�
 four tensors of state per tensor. The majority sign m couples all tensors: ``reduce_states`` computes it
 from every tensor's final state, exactly in integers (the reference sums the signs in float32).
 
-Speed: on CPU with float32 inputs (and numba), the global thresholds of all tasks come from one
-sample → bracket → count-and-gather pass (:mod:`magmax.merging._threshold`, exact, radix fallback), the
-majority sign from one fused pass that only counts elected signs (``global_contribution``), and τ* from
-one fused pass (:func:`magmax.merging._native.ties_group`): about three reads of the models in all,
-instead of two radix passes per task and two materialising folds.
+Speed: on CPU with float32 or bfloat16 inputs (and numba), the global thresholds of all tasks come
+from one sample → bracket → count-and-gather pass (:mod:`magmax.merging._threshold`, exact, radix
+fallback), and τ* from one fused pass (:func:`magmax.merging._native.ties_group`) that also sums the
+elected-sign balance: about two reads of the models in all. The majority sign is not known before that
+pass; it is guessed from the thresholds' sample, and the tensors whose result depended on it (an
+elected sign of exactly 0 with surviving entries) are merged again when the guess was wrong
+(``defers_global_reduce``): exact either way.
 
 Exactness against the reference: masks, elected signs and counts are identical; the sums are taken in
 task order while ``torch.sum(dim=0)`` of the stacked T×d matrix uses its own (vectorised) order, so the
@@ -41,7 +43,7 @@ NeurIPS 2023. arXiv:2306.01708.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,10 +56,12 @@ from magmax.merging._sparsify import (
     consensus_init,
     consensus_result,
     consensus_update,
+    elected_sign_balance,
     global_topk_threshold,
     majority_sign,
     topk_threshold,
     trim,
+    zero_sign_ambiguity,
 )
 from magmax.merging._threshold import global_topk_thresholds
 from magmax.merging.base import (
@@ -82,6 +86,19 @@ class TiesOptions(MethodOptions):
     )
 
 
+def sampled_majority(sample: np.ndarray, kappas: Sequence[float | None]) -> int:
+    """The majority sign m estimated on sampled positions (``sample``: count × S, τ_t at the same S
+    positions for every task): ±1, −1 for a balance of 0 (as the reference treats m = 0). A guess only."""
+    positive = np.zeros(sample.shape[1], np.float32)
+    negative = np.zeros(sample.shape[1], np.float32)
+    for row, kappa in zip(sample, kappas):
+        trimmed = row if kappa is None else np.where(np.abs(row) >= kappa, row, np.float32(0))
+        positive += np.maximum(trimmed, 0)
+        negative += np.minimum(trimmed, 0)
+    total = positive + negative
+    return 1 if int((total > 0).sum()) > int((total < 0).sum()) else -1
+
+
 @register
 class Ties(MergeMethod):
     name = "ties"
@@ -102,6 +119,10 @@ class Ties(MergeMethod):
         self.key_independent = self.options.threshold == "global"
         self._thresholds: dict[int, float | None] = {}
         self._majority: int | None = None
+        self._balance = 0
+        self._provisional: list[str] = []
+        self._guess = 1  # the majority sign a deferred merge assumes (from the thresholds' sample)
+        self._scratch: np.ndarray | None = None
 
     # -- statistics ------------------------------------------------------------------------------------
     def observe_task(self, t: int, tensors: TensorStream) -> None:
@@ -109,15 +130,32 @@ class Ties(MergeMethod):
 
     def observe_tasks(self, tensors: SlicesStream, count: int, total_numel: int) -> None:
         thresholds = global_topk_thresholds(tensors, count, total_numel, self.options.k)
-        self._thresholds.update(enumerate(thresholds))
-
-    def global_contribution(self, key: str, slices: Sequence[Tensor]) -> Any:
-        balance = self._native_pass(slices, majority=0)
-        return balance if balance is not None else super().global_contribution(key, slices)
+        self._thresholds.update(enumerate(thresholds.values))
+        self._guess = 1 if thresholds.sample is None else sampled_majority(thresholds.sample, thresholds.values)
 
     def reduce_states(self, states: Iterable[tuple[str, ConsensusState | int]]) -> None:
         """m from every tensor's elected-sign balance (an int) or its final fold state."""
         self._majority = majority_sign(states)
+
+    # The majority sign m only matters where an elected sign is 0 although some entries survived the
+    # trim (Σ⁺ = −Σ⁻ ≠ 0 exactly; common only when τ is coarsely quantised, as bfloat16 weights are). So
+    # the engine merges first, on a guess of m (from the thresholds' sample, else m > 0), while the
+    # merge pass sums the balance that gives m; the tensors holding such entries are merged again if
+    # the guess was wrong. That saves a whole pass over the models (the reference's order: a pass for
+    # the balance, then the merge).
+    defers_global_reduce = True
+
+    def begin_deferred_reduce(self) -> None:
+        self._scratch = None
+        self._majority = None
+        self._balance = 0
+        self._provisional = []
+
+    def provisional_units(self) -> list[str]:
+        self._majority = (self._balance > 0) - (self._balance < 0)
+        redo = [] if (self._majority > 0) == (self._guess > 0) else self._provisional
+        self._provisional = []
+        return redo
 
     # -- fold ------------------------------------------------------------------------------------------
     def _trimmed(self, tau: Tensor, t: int) -> Tensor:
@@ -134,20 +172,39 @@ class Ties(MergeMethod):
         return consensus_update(state, self._trimmed(tau, t))
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        if self._majority is None:
-            raise RuntimeError("ties: reduce_states() must run before result() (it sets the majority sign)")
-        merged = self._native_pass(slices, majority=1 if self._majority > 0 else 2)
-        return merged if merged is not None else super().merge_tensor(key, slices)
+        """τ* of one tensor; before the majority sign is known (deferred), on a guess of it."""
+        final = self._majority is not None
+        majority = self._majority if final else self._guess
+        native = self._native_pass(slices, majority > 0)
+        if native is not None:
+            merged, balance, ambiguous = native
+        else:
+            state = self.fold(key, slices)
+            merged = consensus_result(state, majority)
+            if not final:
+                balance, ambiguous = elected_sign_balance(state), zero_sign_ambiguity(state)
+        if not final:
+            self._balance += balance
+            if ambiguous:
+                self._provisional.append(key)
+        return merged
 
-    def _native_pass(self, slices: Sequence[Tensor], majority: int) -> Any:
-        """The fused CPU fold (global thresholds only): the balance (majority 0) or τ*; None if it cannot run."""
+    def _native_pass(self, slices: Sequence[Tensor], majority_positive: bool) -> tuple[Tensor, int, int] | None:
+        """The fused CPU fold (global thresholds only): (τ*, balance, ambiguous); None if it cannot run."""
         try:
-            return self._native_fold(slices, majority)
+            return self._native_fold(slices, majority_positive)
         except Exception as exc:  # the native kernels are an optimisation: the torch fold gives the same result
             _native.disable(exc)
             return None
 
-    def _native_fold(self, slices: Sequence[Tensor], majority: int) -> Any:
+    def _scratch_state(self, numel: int) -> tuple[np.ndarray, ...]:
+        """The fold state between groups (Σ⁺, Σ⁻, n⁺, n⁻), one buffer reused for every tensor of a merge:
+        fresh buffers of that size per tensor cost more in page faults than the state's reads and writes."""
+        if self._scratch is None or self._scratch.shape[1] < numel:
+            self._scratch = np.empty((4, numel), np.float32)
+        return tuple(self._scratch[r, :numel] for r in range(4))
+
+    def _native_fold(self, slices: Sequence[Tensor], majority_positive: bool) -> tuple[Tensor, int, int] | None:
         operands = getattr(slices, "operands", None)
         count = len(slices)
         if operands is None or self.options.threshold != "global" or not _native.enabled() or count == 0:
@@ -156,20 +213,22 @@ class Ties(MergeMethod):
             return None
         kappas = [-1.0 if self._thresholds[t] is None else self._thresholds[t] for t in range(count)]
         state = out = None
-        result: Any = None
-        for start, stop, base, xs, shape in _fused.groups(operands, count):
-            if not _native.accepts_inputs(base, xs, _fused.GROUP):
+        balance = ambiguous = 0
+        shape = None
+        # Inputs already in memory: all tasks in one group (no fold state written between groups).
+        size = count if getattr(slices, "resident", False) else _fused.GROUP
+        for start, stop, base, xs, shape in _fused.groups(operands, count, size):
+            if not _native.accepts_inputs(base, xs, size):
                 return None
             numel = xs[0].numel()
-            if majority != 0 and out is None:
+            if out is None:
                 out = torch.empty(numel, dtype=torch.float32)
             if state is None and count > _fused.GROUP:
-                state = (np.empty(numel, np.float32), np.empty(numel, np.float32),
-                         np.empty(numel, np.float32), np.empty(numel, np.float32))
-            result = _native.ties_group(state, out, base, xs, kappas[start:stop], start == 0, stop == count,
-                                        majority, _fused.GROUP)
+                state = self._scratch_state(numel)
+            balance, ambiguous = _native.ties_group(state, out, base, xs, kappas[start:stop], start == 0,
+                                                    stop == count, majority_positive)
             del xs, base
-        return result if majority == 0 else out.view(shape)
+        return out.view(shape), balance, ambiguous
 
     def result(self, state: ConsensusState, key: str) -> Tensor:
         if self._majority is None:
