@@ -14,8 +14,9 @@ the random hash is the same int64 arithmetic; the tests check bit equality again
 
 float32 and bfloat16 inputs take this path (a bfloat16 entry is read as its exact float32: its bits
 followed by 16 zeros, as ``Tensor.float()`` does); float16 and float64 checkpoints fall back to the torch
-kernels. A group has at most ``_fused.GROUP`` inputs, passed as a tuple (one compiled version
-per group size); the count-and-gather pass takes a tuple padded to ``GROUP`` (it indexes it per chunk).
+kernels. The folds take a group of at most ``_fused.GROUP`` inputs as a tuple (one compiled version
+per group size); TIES's kernels take any number of inputs as an array of their addresses (one
+compiled version), so that inputs already in memory go in one call.
 """
 
 from __future__ import annotations
@@ -124,11 +125,6 @@ def _array(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _padded(inputs: Sequence[Tensor], group: int) -> tuple[np.ndarray, ...]:
-    arrays = [_array(x) for x in inputs]
-    return tuple(arrays) + (np.empty(0, dtype=arrays[0].dtype),) * (group - len(arrays))
-
-
 def _common(state: Tensor, base: Tensor | None, inputs: Sequence[Tensor], first: bool) -> tuple[Any, ...]:
     """numpy views; (x0, rest): with ``first`` the fold starts from τ_0 = inputs[0], else from ``state``."""
     has_base = base is not None
@@ -181,34 +177,46 @@ def random_group(state, base, inputs, first, last, params, group) -> None:
 # -- TIES ------------------------------------------------------------------------------------------
 
 
-def sample_entries(base, inputs, phase, stride, out, filled, group) -> int:
+def _addresses(inputs: Sequence[Tensor]) -> tuple[list[np.ndarray], np.ndarray]:
+    """numpy views of ``inputs`` (keep them alive while a kernel runs) and their data addresses."""
+    arrays = [_array(x) for x in inputs]
+    return arrays, np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+
+
+def sample_entries(base, inputs, phase, stride, out, filled) -> int:
     """Append τ_j at every ``stride``-th position (from ``phase``) of one tensor to ``out[j, filled:]``."""
     has_base = base is not None
-    xs = _padded(inputs, group)
-    return int(_kernels().sample_entries(_array(base) if has_base else _EMPTY, has_base, xs, len(inputs),
-                                            phase, stride, out, filled))
+    arrays, addresses = _addresses(inputs)
+    b = _array(base) if has_base else arrays[0][:0]
+    n = arrays[0].shape[0]
+    kernel = _kernels().sample_entries
+    taken = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, phase, stride,
+                                                            out[blk], filled))
+    return int(taken[0])
 
 
-def count_and_gather(base, inputs, low, high, below, gathered, filled, group) -> None:
-    """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them).
-
-    With several torch threads the tasks are split into contiguous blocks, one serial (nogil) kernel
-    call per block on a thread of its own: each block reads θ0 once and owns its rows of the counters."""
+def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
+    """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them)."""
     has_base = base is not None
-    xs = tuple(_array(x) for x in inputs)
-    b = _array(base) if has_base else _EMPTY
+    arrays, addresses = _addresses(inputs)
+    b = _array(base) if has_base else arrays[0][:0]
+    n = arrays[0].shape[0]
     kernel = _kernels().count_gather
-    parts = max(1, min(torch.get_num_threads(), len(xs)))
-    if parts == 1:
-        kernel(b, has_base, xs, low, high, below, gathered, filled)
-        return
-    edges = [len(xs) * p // parts for p in range(parts + 1)]
+    per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk], high[blk],
+                                                    below[blk], gathered[blk], filled[blk]))
+
+
+def per_task_blocks(count: int, run: Callable[[slice], Any]) -> list[Any]:
+    """``run`` over contiguous blocks of the tasks 0..count−1, one block per torch thread, each on a thread
+    of its own (for serial nogil kernels and GIL-free numpy calls: each block reads θ0 once and owns its
+    rows of the outputs). One thread: one call, here."""
+    parts = max(1, min(torch.get_num_threads(), count))
+    edges = [count * p // parts for p in range(parts + 1)]
     blocks = [slice(edges[p], edges[p + 1]) for p in range(parts)]
-    pool = _pool(parts)
-    futures = [pool.submit(kernel, b, has_base, xs[blk], low[blk], high[blk], below[blk], gathered[blk],
-                           filled[blk]) for blk in blocks]
-    for future in futures:
-        future.result()
+    if parts == 1:
+        return [run(blocks[0])]
+    futures = [_pool(parts).submit(run, blk) for blk in blocks]
+    return [future.result() for future in futures]
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -227,18 +235,20 @@ def ties_group(state, out, base, inputs, kappas, first, last, majority_positive)
     and (balance, ambiguous): the elected-sign balance and the number of entries whose value depends on
     the majority sign."""
     has_base = base is not None
-    arrays = [_array(x) for x in inputs]  # kept alive through the call: the kernel reads their addresses
-    addresses = np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+    arrays, addresses = _addresses(inputs)  # arrays kept alive through the call
     ps, ns, pc, nc = (_EMPTY,) * 4 if state is None else state
     b = _array(base) if has_base else arrays[0][:0]
     kap = np.asarray(kappas, dtype=np.float32)
     n = arrays[0].shape[0]
     k = _kernels()
     with _threads():
+        import numba
+
+        parts = max(1, min(numba.get_num_threads(), n // 65536))  # small tensors: one thread
         if not last:
-            k.ties_partial(ps, ns, pc, nc, b, has_base, addresses, arrays[0], n, kap, first)
+            k.ties_partial(ps, ns, pc, nc, b, has_base, addresses, arrays[0], n, kap, first, parts)
             return 0, 0
         balance, ambiguous = k.ties_merge(ps, ns, pc, nc, _array(out), b, has_base, addresses, arrays[0], n, kap,
-                                          first, majority_positive)
+                                          first, majority_positive, parts)
     del arrays
     return int(balance), int(ambiguous)

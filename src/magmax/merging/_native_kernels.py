@@ -119,11 +119,10 @@ def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset):
 
 
 @njit(cache=True, nogil=True)
-def sample_entries(base, has_base, xs, count, phase, stride, out, filled):  # pragma: no cover
-    # x − θ0 at positions phase, phase + stride, … of this tensor, appended to out[j, filled:].
-    n = xs[0].shape[0]
-    for j in range(count):
-        x = xs[j]
+def sample_entries(base, has_base, addresses, like, n, phase, stride, out, filled):  # pragma: no cover
+    # x_j − θ0 at positions phase, phase + stride, … of this tensor, appended to out[j, filled:].
+    for j in range(addresses.shape[0]):
+        x = _input(addresses, j, like, n)
         f = filled
         for i in range(phase, n, stride):
             b = f32(base[i]) if has_base else np.float32(0.0)
@@ -136,20 +135,19 @@ GATHER_STEP = 32
 copy-out loop (at a 0.4% bracket, about 7 steps in 8)."""
 
 @njit(cache=True, nogil=True)
-def count_gather(base, has_base, xs, low, high, below, gathered, filled):  # pragma: no cover
+def count_gather(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
     # Element-outer like the folds: step by step, every task of the group is counted against the same
     # entries of θ0, so the T inputs stream side by side (one input at a time reads far slower on one
     # core). Per task and step, one vectorised loop of constant length counts (int32 lanes, no
     # branches) and keeps the magnitudes in L1; only a step holding bracketed values runs the
     # branch-free compaction (write every value to a second buffer, advance only on a hit; in place,
     # store-to-load aliasing serialises it). The last n mod GATHER_STEP entries are counted in
-    # ``_count_gather_tail``. Serial and nogil: threads run it on disjoint sets of tasks (a branch
-    # choosing this thread's tasks inside the unrolled task loop halved its speed).
-    n = xs[0].shape[0]
+    # ``_count_gather_tail``. Serial and nogil: threads run it on disjoint blocks of tasks.
     cap = gathered.shape[1]
     full = n - n % GATHER_STEP
+    count = addresses.shape[0]
     shared_below, shared_filled = below, filled
-    below = np.zeros(len(xs), np.int64)  # private copies: threads share the callers' cache lines
+    below = np.zeros(count, np.int64)  # private copies: threads share the callers' cache lines
     filled = shared_filled.copy()
     b0 = np.empty(GATHER_STEP, np.float32)
     mags = np.empty(GATHER_STEP, np.float32)
@@ -160,8 +158,8 @@ def count_gather(base, has_base, xs, low, high, below, gathered, filled):  # pra
                 b0[k] = f32(base[s + k])
         else:
             b0[:] = 0.0
-        j = 0
-        for x in xs:
+        for j in range(count):
+            x = _input(addresses, j, like, n)
             lo_j = low[j]
             hi_j = high[j]
             step_below = np.int32(0)
@@ -184,11 +182,9 @@ def count_gather(base, has_base, xs, low, high, below, gathered, filled):  # pra
                         gathered[j, f] = hits[k]
                     f += 1
                 filled[j] = f
-            j += 1
-    j = 0
-    for x in xs:
+    for j in range(count):
+        x = _input(addresses, j, like, n)
         _count_gather_tail(base, has_base, x, full, low[j], high[j], below, gathered, filled, j)
-        j += 1
     shared_below += below
     shared_filled[:] = filled
 
@@ -204,24 +200,27 @@ def _count_gather_tail(base, has_base, x, start, lo_j, hi_j, below, gathered, fi
             filled[j] += 1
 
 # TIES runs as two kernels over blocks of entries: per block, the running state (Σ⁺, Σ⁻, n⁺, n⁻;
-# counts as float32, exact below 2^24 tasks) sits in L1-sized scratch arrays, and each task of the
-# group is a vectorised loop over the block (element-outer with the tasks unrolled inside, LLVM left
-# these loops scalar: 2.5x slower). The inputs come as addresses, so a group may hold every task
-# (inputs already in memory) without a compile per count. Between groups the state lives in arrays,
-# ignored by a first group.
+# counts as float32, exact below 2^24 tasks) sits in L1-sized scratch arrays (one set per thread),
+# and the tasks of the group are vectorised loops over the block, four tasks per loop (a quarter of
+# the scratch traffic; element-outer loops with all tasks unrolled inside stayed scalar). The
+# inputs come as addresses, so a group may hold every task (inputs already in memory) without a
+# compile per count. Between groups the state lives in arrays, ignored by a first group.
 
 TIES_BLOCK = 2048
 """Entries per block of the TIES kernels (five float32 scratch arrays: 40 KiB, about L1)."""
 
 @njit(inline="always", cache=True)
-def _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s):  # pragma: no cover
-    # Σ⁺ += clamp(τ̂, min=0), Σ⁻ += clamp(τ̂, max=0), n± += (τ̂ ≷ 0) over the tasks of the group, in task
-    # order, for entries lo..lo+m−1; branch-free: adding +0.0 leaves a sum's value unchanged.
-    b0 = np.empty(TIES_BLOCK, np.float32)
-    ps = np.empty(TIES_BLOCK, np.float32)
-    ns = np.empty(TIES_BLOCK, np.float32)
-    pc = np.empty(TIES_BLOCK, np.float32)
-    nc = np.empty(TIES_BLOCK, np.float32)
+def _ties_add(v, kappa, ps, ns, pc, nc):  # pragma: no cover - compiled
+    # Σ⁺ += clamp(τ̂, min=0), Σ⁻ += clamp(τ̂, max=0), n± += (τ̂ ≷ 0); branch-free: adding +0.0 leaves a
+    # sum's value unchanged.
+    trimmed = v if abs(v) >= kappa else np.float32(0.0)  # trim: ties at κ_t kept
+    return (ps + max(trimmed, np.float32(0.0)), ns + min(trimmed, np.float32(0.0)),
+            pc + np.float32(trimmed > 0), nc + np.float32(trimmed < 0))
+
+@njit(inline="always", cache=True)
+def _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s,
+                b0, ps, ns, pc, nc):  # pragma: no cover - compiled
+    # The state of entries lo..lo+m−1 after the group's tasks, in task order, into ps, ns, pc, nc.
     at = np.uint64(lo)  # unsigned indices: no wrap-around test, so LLVM vectorises
     for k in range(m):
         b0[k] = f32(base[at + np.uint64(k)]) if has_base else np.float32(0.0)
@@ -238,55 +237,111 @@ def _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s,
             ns[k] = neg_s[i]
             pc[k] = npos_s[i]
             nc[k] = nneg_s[i]
-    for j in range(addresses.shape[0]):
+    count = addresses.shape[0]
+    j = 0
+    while j + 3 < count:
+        xa = _input(addresses, j, like, n)
+        xb = _input(addresses, j + 1, like, n)
+        xc = _input(addresses, j + 2, like, n)
+        xd = _input(addresses, j + 3, like, n)
+        ka = kappas[j]
+        kb = kappas[j + 1]
+        kc = kappas[j + 2]
+        kd = kappas[j + 3]
+        for k in range(m):
+            i = at + np.uint64(k)
+            b = b0[k]
+            p, q, c, d = _ties_add(f32(xa[i]) - b, ka, ps[k], ns[k], pc[k], nc[k])
+            p, q, c, d = _ties_add(f32(xb[i]) - b, kb, p, q, c, d)
+            p, q, c, d = _ties_add(f32(xc[i]) - b, kc, p, q, c, d)
+            p, q, c, d = _ties_add(f32(xd[i]) - b, kd, p, q, c, d)
+            ps[k] = p
+            ns[k] = q
+            pc[k] = c
+            nc[k] = d
+        j += 4
+    while j + 1 < count:
+        xa = _input(addresses, j, like, n)
+        xb = _input(addresses, j + 1, like, n)
+        ka = kappas[j]
+        kb = kappas[j + 1]
+        for k in range(m):
+            i = at + np.uint64(k)
+            p, q, c, d = _ties_add(f32(xa[i]) - b0[k], ka, ps[k], ns[k], pc[k], nc[k])
+            p, q, c, d = _ties_add(f32(xb[i]) - b0[k], kb, p, q, c, d)
+            ps[k] = p
+            ns[k] = q
+            pc[k] = c
+            nc[k] = d
+        j += 2
+    if j < count:
         x = _input(addresses, j, like, n)
         kappa = kappas[j]
         for k in range(m):
-            v = f32(x[at + np.uint64(k)]) - b0[k]
-            trimmed = v if abs(v) >= kappa else np.float32(0.0)  # trim: ties at κ_t kept
-            ps[k] = ps[k] + max(trimmed, np.float32(0.0))
-            ns[k] = ns[k] + min(trimmed, np.float32(0.0))
-            pc[k] += np.float32(trimmed > 0)
-            nc[k] += np.float32(trimmed < 0)
-    return ps, ns, pc, nc
+            p, q, c, d = _ties_add(f32(x[at + np.uint64(k)]) - b0[k], kappa, ps[k], ns[k], pc[k], nc[k])
+            ps[k] = p
+            ns[k] = q
+            pc[k] = c
+            nc[k] = d
 
 @njit(parallel=True, cache=True, nogil=True)
-def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, addresses, like, n, kappas, first):  # pragma: no cover
-    for blk in prange((n + TIES_BLOCK - 1) // TIES_BLOCK):
-        lo = blk * TIES_BLOCK
-        m = min(TIES_BLOCK, n - lo)
-        ps, ns, pc, nc = _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s)
-        at = np.uint64(lo)
-        for k in range(m):
-            i = at + np.uint64(k)
-            pos_s[i] = ps[k]
-            neg_s[i] = ns[k]
-            npos_s[i] = pc[k]
-            nneg_s[i] = nc[k]
+def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, addresses, like, n, kappas, first, parts):  # pragma: no cover
+    blocks = (n + TIES_BLOCK - 1) // TIES_BLOCK
+    for part in prange(parts):  # one set of scratch arrays per thread, a contiguous run of blocks each
+        b0 = np.empty(TIES_BLOCK, np.float32)
+        ps = np.empty(TIES_BLOCK, np.float32)
+        ns = np.empty(TIES_BLOCK, np.float32)
+        pc = np.empty(TIES_BLOCK, np.float32)
+        nc = np.empty(TIES_BLOCK, np.float32)
+        for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
+            lo = blk * TIES_BLOCK
+            m = min(TIES_BLOCK, n - lo)
+            _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s,
+                        b0, ps, ns, pc, nc)
+            at = np.uint64(lo)
+            for k in range(m):
+                i = at + np.uint64(k)
+                pos_s[i] = ps[k]
+                neg_s[i] = ns[k]
+                npos_s[i] = pc[k]
+                nneg_s[i] = nc[k]
 
 @njit(parallel=True, cache=True, nogil=True)
-def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, like, n, kappas, first, zero_positive):  # pragma: no cover
+def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, like, n, kappas, first,
+               zero_positive, parts):  # pragma: no cover
     # τ* = Σ⁺/max(n⁺, 1) where the elected sign s = sign(Σ⁺ + Σ⁻) is positive (or 0 and the majority
     # positive: ``zero_positive``), else Σ⁻/max(n⁻, 1). Returns the elected-sign balance
     # #(s > 0) − #(s < 0) and the number of ambiguous entries (s = 0 with agreeing entries: there the
     # majority decides).
+    blocks = (n + TIES_BLOCK - 1) // TIES_BLOCK
     balance = 0
     ambiguous = 0
-    for blk in prange((n + TIES_BLOCK - 1) // TIES_BLOCK):
-        lo = blk * TIES_BLOCK
-        m = min(TIES_BLOCK, n - lo)
-        ps, ns, pc, nc = _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s)
-        block_balance = np.int32(0)
-        block_ambiguous = np.int32(0)
-        at = np.uint64(lo)
-        for k in range(m):
-            total = ps[k] + ns[k]
-            positive = (total > 0) | ((total == 0) & zero_positive)
-            numerator = ps[k] if positive else ns[k]
-            count = pc[k] if positive else nc[k]
-            out[at + np.uint64(k)] = numerator / max(count, np.float32(1.0))
-            block_balance += np.int32(total > 0) - np.int32(total < 0)
-            block_ambiguous += np.int32((total == 0) & (pc[k] + nc[k] > 0))
-        balance += block_balance
-        ambiguous += block_ambiguous
+    for part in prange(parts):  # one set of scratch arrays per thread, a contiguous run of blocks each
+        b0 = np.empty(TIES_BLOCK, np.float32)
+        ps = np.empty(TIES_BLOCK, np.float32)
+        ns = np.empty(TIES_BLOCK, np.float32)
+        pc = np.empty(TIES_BLOCK, np.float32)
+        nc = np.empty(TIES_BLOCK, np.float32)
+        part_balance = 0
+        part_ambiguous = 0
+        for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
+            lo = blk * TIES_BLOCK
+            m = min(TIES_BLOCK, n - lo)
+            _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s,
+                        b0, ps, ns, pc, nc)
+            block_balance = np.int32(0)
+            block_ambiguous = np.int32(0)
+            at = np.uint64(lo)
+            for k in range(m):
+                total = ps[k] + ns[k]
+                positive = (total > 0) | ((total == 0) & zero_positive)
+                numerator = ps[k] if positive else ns[k]
+                count = pc[k] if positive else nc[k]
+                out[at + np.uint64(k)] = numerator / max(count, np.float32(1.0))
+                block_balance += np.int32(total > 0) - np.int32(total < 0)
+                block_ambiguous += np.int32((total == 0) & (pc[k] + nc[k] > 0))
+            part_balance += block_balance
+            part_ambiguous += block_ambiguous
+        balance += part_balance
+        ambiguous += part_ambiguous
     return balance, ambiguous

@@ -33,7 +33,7 @@ from magmax.merging import _fused, _native
 from magmax.merging._sparsify import global_topk_threshold, keep_fraction, kth_position
 from magmax.merging.base import TaskSlices
 
-SAMPLE = 1 << 20
+SAMPLE = 1 << 19
 """Target sample size per task (4 MiB of float32 each; fewer when many tasks, see ``SAMPLE_BYTES``)."""
 
 SAMPLE_BYTES = 1 << 28
@@ -53,8 +53,9 @@ class _NotNative(Exception):
 
 
 def _native_groups(slices: TaskSlices, count: int) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
-    for start, stop, base, xs, _ in _fused.groups(slices.operands, count):
-        if not _native.accepts_inputs(base, xs, _fused.GROUP):
+    size = count if slices.resident else _fused.GROUP  # in memory already: every task in one call
+    for start, stop, base, xs, _ in _fused.groups(slices.operands, count, size):
+        if not _native.accepts_inputs(base, xs, size):
             raise _NotNative
         yield start, stop, base, xs
 
@@ -104,7 +105,7 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
         got = 0
         for start, stop, base, xs in _native_groups(slices, count):
             numel = xs[0].numel()
-            got = _native.sample_entries(base, xs, phase, stride, sample[start:stop], taken, _fused.GROUP)
+            got = _native.sample_entries(base, xs, phase, stride, sample[start:stop], taken)
             del xs, base
         taken += got
         offset += numel or 0
@@ -118,15 +119,18 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
     lo_index = math.floor(quantile * taken - margin)
     hi_index = math.ceil(quantile * taken + margin)
     wanted = [i for i in (lo_index, hi_index) if 0 <= i < taken]
-    for t in range(count):
-        magnitudes = np.abs(sample[t, :taken])
-        values = np.partition(magnitudes, wanted) if wanted else magnitudes
-        low[t] = values[lo_index] if lo_index >= 0 else 0.0
-        high[t] = values[hi_index] if hi_index < taken else np.inf
-        del magnitudes, values
+
+    def bracket(tasks: slice) -> None:  # np.partition releases the GIL: tasks in parallel
+        for t in range(tasks.start, tasks.stop):
+            magnitudes = np.abs(sample[t, :taken])
+            values = np.partition(magnitudes, wanted) if wanted else magnitudes
+            low[t] = values[lo_index] if lo_index >= 0 else 0.0
+            high[t] = values[hi_index] if hi_index < taken else np.inf
+
+    _native.per_task_blocks(count, bracket)
     # Kept for TIES's guess of the majority sign: every few positions, evenly over the model.
     kept = np.ascontiguousarray(sample[:, : taken : max(1, taken // KEPT_SAMPLE)])
-    del sample
+    sample = None  # the full sample is freed before the gathering pass
     # The bracket holds about this share of the entries; room for twice that (a little more for small models).
     share = (min(hi_index, taken) - max(lo_index, 0)) / max(taken, 1)
     cap = min(GATHER_CAP, int(2 * share * total) + 1024)
@@ -137,16 +141,17 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
         for start, stop, base, xs in _native_groups(slices, count):
             _native.count_and_gather(
                 base, xs, low[start:stop], high[start:stop], below[start:stop], gathered[start:stop],
-                filled[start:stop], _fused.GROUP,
+                filled[start:stop],
             )
             del xs, base
 
-    found: list[float | None] = []
-    for t in range(count):
-        inside = int(position - below[t])
-        if 1 <= inside <= filled[t] and filled[t] <= cap:
-            values = gathered[t, : filled[t]]
-            found.append(float(np.partition(values, inside - 1)[inside - 1]))
-        else:
-            found.append(None)
+    found: list[float | None] = [None] * count
+
+    def select(tasks: slice) -> None:
+        for t in range(tasks.start, tasks.stop):
+            inside = int(position - below[t])
+            if 1 <= inside <= filled[t] and filled[t] <= cap:
+                found[t] = float(np.partition(gathered[t, : filled[t]], inside - 1)[inside - 1])
+
+    _native.per_task_blocks(count, select)
     return found, kept
