@@ -222,3 +222,50 @@ def test_bad_options_are_config_errors_naming_the_option(models, method, options
     with pytest.raises(ConfigError) as info:
         magmax.merge(method, base, finetuned, **options)
     assert_one_line(info.value, method, *needles)
+
+
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
+@pytest.mark.parametrize("count,bad,value", [(3, 2, float("nan")), (11, 9, float("inf")), (11, 0, float("-inf")),
+                                             (2, -1, float("nan"))])
+def test_nan_found_in_passing_by_the_native_folds_is_refused_with_its_name(method, count, bad, value):
+    """In-memory merges by one-pass methods skip the separate NaN/Inf pass when the native folds vouch
+    for every input: a poisoned entry anywhere (any task, past the first group of 8, or θ0) still
+    stops the merge with the model and tensor named."""
+    base = make_state_dict(3, SMALL_SHAPES)
+    fts = make_finetuned(base, count, seed=4)
+    key = "conv.weight"
+    if bad < 0:
+        base = _poisoned(base, key, value)
+        needles = ["base", key]
+    else:
+        fts[bad] = _poisoned(fts[bad], key, value)
+        needles = [f"fine-tuned model {bad + 1}", key]
+    with pytest.raises(MergeInputError) as info:
+        magmax.merge(method, base, fts)
+    assert_one_line(info.value, *needles)
+
+
+def test_a_task_vector_that_overflows_is_not_mistaken_for_a_nan_input():
+    # θ_t − θ0 = 3e38 − (−3e38) overflows to Inf although every input is finite: the folds cannot vouch
+    # for the inputs, the explicit check runs and finds nothing wrong, the merge goes on as before.
+    base = {"w": torch.full((100,), -3e38)}
+    fts = [{"w": torch.full((100,), 3e38)}, {"w": torch.full((100,), -3e38)}]
+    merged = magmax.merge("magmax", base, fts)
+    assert torch.isinf(merged["w"]).all()
+
+
+@pytest.mark.parametrize("count,explicit", [(3, False), (11, False), (1, True)])
+def test_the_separate_nan_pass_is_skipped_only_when_the_folds_vouch_for_every_input(count, explicit, monkeypatch):
+    from magmax import engine
+
+    calls = []
+    real = engine.check_finite
+    monkeypatch.setattr(engine, "check_finite", lambda *a: calls.append(a[0]) or real(*a))
+    base = make_state_dict(5, SMALL_SHAPES)
+    fts = make_finetuned(base, count, seed=6)
+    magmax.merge("magmax", base, fts)
+    # T = 1 is τ_1 itself (formed by torch, not by a fold that checks): the explicit pass runs.
+    assert bool(calls) == explicit
+    calls.clear()
+    magmax.merge("ties", base, fts)  # several passes: checked on loading, as before
+    assert calls

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from magmax.errors import MergeInputError
+from magmax.merging import _native
 from magmax.merging.base import MergeMethod, TaskSlices
 from magmax.taskvector import check_finite, check_tensor_pair, combine, is_mergeable, task_vector_tensor
 
@@ -190,17 +191,18 @@ class MergeRun:
         return plan
 
     # -- loading -------------------------------------------------------------------------------------
-    def _load(self, reader: TensorReader, index: int, key: str) -> Tensor:
+    def _load(self, reader: TensorReader, index: int, key: str, check: bool = True) -> Tensor:
         tensor = reader.get(key).to(self.device)
-        if self.check_values and (index, key) not in self._checked:
+        if check and self.check_values and (index, key) not in self._checked:
             check_finite(key, tensor, reader.name)
             self._checked.add((index, key))
         return tensor
 
-    def _load_unit(self, reader: TensorReader, index: int, unit: Unit) -> Tensor:
-        """One key's tensor, or a bucket's tensors flattened into one on the device."""
+    def _load_unit(self, reader: TensorReader, index: int, unit: Unit, check: bool = True) -> Tensor:
+        """One key's tensor, or a bucket's tensors flattened into one on the device (NaN/Inf checked
+        unless ``check`` is off)."""
         if len(unit.keys) == 1:
-            return self._load(reader, index, unit.keys[0])
+            return self._load(reader, index, unit.keys[0], check)
         first = reader.get(unit.keys[0])
         if first.device == self.device:  # already there: one concatenation (a few launches)
             flat = torch.cat([first.reshape(-1)] + [reader.get(k).reshape(-1) for k in unit.keys[1:]])
@@ -213,7 +215,7 @@ class MergeRun:
                 flat[offset : offset + value.numel()].copy_(value.reshape(-1))
                 offset += value.numel()
         del first
-        if self.check_values and (index, unit.name) not in self._checked:
+        if check and self.check_values and (index, unit.name) not in self._checked:
             try:
                 check_finite(unit.name, flat, reader.name)
             except MergeInputError:  # name the tensor, as the per-tensor check does
@@ -223,22 +225,25 @@ class MergeRun:
             self._checked.add((index, unit.name))
         return flat
 
-    def slices(self, name: str, base_tensor: Tensor | None = None) -> TaskSlices:
+    def slices(self, name: str, base_tensor: Tensor | None = None, check: bool = True) -> TaskSlices:
         """τ_1..τ_T of one unit (a tensor's key, or a bucket's name), each computed when indexed (θ0 loaded once)."""
         unit = self.units[name]
-        base_tensor = self._load_unit(self.base, -1, unit) if base_tensor is None else base_tensor
+        base_tensor = self._load_unit(self.base, -1, unit, check) if base_tensor is None else base_tensor
 
         def finetuned(t: int) -> Tensor:
-            return self._load_unit(self.finetuned[t], t, unit)
+            return self._load_unit(self.finetuned[t], t, unit, check)
 
         def load(t: int) -> Tensor:
             return task_vector_tensor(base_tensor, finetuned(t))
 
-        # Tensors of in-memory state dicts on the CPU are not copied by loading: a kernel may hold all T.
-        resident = self.device.type == "cpu" and len(unit.keys) == 1 and all(
+        return TaskSlices(name, len(self.finetuned), load, base=base_tensor, finetuned=finetuned,
+                          resident=self._resident(unit))
+
+    def _resident(self, unit: Unit) -> bool:
+        """Tensors of in-memory state dicts on the CPU: loading copies nothing, a kernel may hold all T."""
+        return self.device.type == "cpu" and len(unit.keys) == 1 and all(
             isinstance(reader, DictReader) for reader in (self.base, *self.finetuned)
         )
-        return TaskSlices(name, len(self.finetuned), load, base=base_tensor, finetuned=finetuned, resident=resident)
 
     # -- running -------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -269,8 +274,21 @@ class MergeRun:
                 yield from self._merge_unit(self.units[name])
 
     def _merge_unit(self, unit: Unit) -> Iterator[tuple[str, Tensor]]:
-        base_tensor = self._load_unit(self.base, -1, unit)
-        tau = self.method.merge_tensor(unit.name, self.slices(unit.name, base_tensor))
+        m = self.method
+        if self.check_values and m.folds_natively and self._resident(unit) and not m.uses_task_stats:
+            # One-pass methods on in-memory inputs: the native folds tell whether every τ entry was
+            # finite as they read the inputs, which saves the NaN/Inf pass (as long as the merge); the
+            # explicit check runs when they could not vouch for all inputs, before anything is yielded.
+            with _native.finite_watch() as watch:
+                base_tensor = self._load_unit(self.base, -1, unit, check=False)
+                tau = m.merge_tensor(unit.name, self.slices(unit.name, base_tensor, check=False))
+            if not watch.proves_finite(len(self.finetuned)):
+                self._load_unit(self.base, -1, unit)
+                for t, reader in enumerate(self.finetuned):
+                    self._load_unit(reader, t, unit)
+        else:
+            base_tensor = self._load_unit(self.base, -1, unit)
+            tau = m.merge_tensor(unit.name, self.slices(unit.name, base_tensor))
         merged = combine(base_tensor, tau, self.method.scale, self.out_dtype)
         del tau, base_tensor
         if len(unit.keys) == 1:

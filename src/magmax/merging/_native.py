@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -144,6 +146,43 @@ def _tau_only(state: Tensor, base: Tensor | None, x: Tensor) -> None:
 # -- group kernels (the calling convention of magmax.merging._fused.run_group) ----------------------
 
 
+class FiniteWatch:
+    """What the folds of one thread saw inside :func:`finite_watch`: how many inputs they formed τ from,
+    whether θ0 was among them, and whether every τ entry was finite."""
+
+    def __init__(self) -> None:
+        self.inputs = 0
+        self.base = False
+        self.finite = True
+
+    def proves_finite(self, count: int) -> bool:
+        """θ0 and ``count`` inputs went through the folds (each once), every entry finite."""
+        return self.finite and self.base and self.inputs == count
+
+
+_local = threading.local()
+
+
+@contextmanager
+def finite_watch() -> Iterator[FiniteWatch]:
+    """Collect, in this thread, the NaN/Inf verdicts of the native folds (they compute one in passing)."""
+    watch = FiniteWatch()
+    previous = getattr(_local, "watch", None)
+    _local.watch = watch
+    try:
+        yield watch
+    finally:
+        _local.watch = previous
+
+
+def _report(poison: float, inputs: int, has_base: bool) -> None:
+    watch = getattr(_local, "watch", None)
+    if watch is not None:
+        watch.inputs += inputs
+        watch.base = watch.base or has_base
+        watch.finite = watch.finite and math.isfinite(poison)
+
+
 def _fold_group(fold: str) -> NativeGroup:
     """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest)``."""
 
@@ -153,7 +192,8 @@ def _fold_group(fold: str) -> NativeGroup:
         s, b, has_base, x0, xs = _common(state, base, inputs, first)
         kernel = getattr(_kernels(), fold)
         with _threads():
-            kernel(s, b, has_base, first, x0, xs)
+            poison = kernel(s, b, has_base, first, x0, xs)
+        _report(float(poison), len(inputs), has_base)
 
     return group
 
@@ -171,7 +211,8 @@ def random_group(state, base, inputs, first, last, params, group) -> None:
     thresholds = rows[:, 1].astype(np.uint32)  # ⌈2^32/(t+1)⌉ − 1 < 2^32
     k = _kernels()
     with _threads():
-        k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0)
+        poison = k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0)
+    _report(float(poison), len(inputs), has_base)
 
 
 # -- TIES ------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class Average(MergeMethod):
     reference = "Wortsman et al., Model soups, ICML 2022; MagMax paper's Avg baseline"
     default_scale = 1.0
     foldable = True
+    folds_natively = True
     key_independent = True
 
     def init(self, key: str, first: Tensor) -> tuple[Tensor, int]:

@@ -107,6 +107,10 @@ class MergeMethod:
     """``merge_tensor`` treats every entry alike whatever tensor it belongs to (no key, shape or per-tensor
     statistic enters), so consecutive tensors may be merged as one flat tensor (the engine does on GPUs)."""
     uses_global_reduce: bool = False
+    folds_natively: bool = False
+    """``merge_tensor`` forms every τ_t in the native folds of :mod:`magmax.merging._native` (on CPU, for
+    float32/bfloat16 inputs), which report whether every entry was finite (``_native.finite_watch``):
+    the engine may then skip its own NaN/Inf pass over in-memory inputs."""
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options if options is not None else self.Options()

@@ -63,6 +63,7 @@ class MagMax(MergeMethod):
     reference = "Marczak et al., MagMax, ECCV 2024, arXiv:2407.06322"
     default_scale = 0.5
     foldable = True
+    folds_natively = True
     key_independent = True
 
     def init(self, key: str, first: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ class TaskArithmetic(MergeMethod):
     reference = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
     default_scale = 0.3
     foldable = True
+    folds_natively = True
     key_independent = True
 
     def init(self, key: str, first: Tensor) -> Tensor:
