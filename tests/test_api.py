@@ -224,7 +224,7 @@ def test_bad_options_are_config_errors_naming_the_option(models, method, options
     assert_one_line(info.value, method, *needles)
 
 
-@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic"])
 @pytest.mark.parametrize("count,bad,value", [(3, 2, float("nan")), (11, 9, float("inf")), (11, 0, float("-inf")),
                                              (2, -1, float("nan"))])
 def test_nan_found_in_passing_by_the_native_folds_is_refused_with_its_name(method, count, bad, value):

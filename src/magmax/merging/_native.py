@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -175,12 +174,13 @@ def finite_watch() -> Iterator[FiniteWatch]:
         _local.watch = previous
 
 
-def _report(poison: float, inputs: int, has_base: bool) -> None:
+def _report(finite: int, numel: int, inputs: int, has_base: bool) -> None:
+    """A fold formed ``inputs`` τ's and found ``finite`` of its ``numel`` entries all finite."""
     watch = getattr(_local, "watch", None)
     if watch is not None:
         watch.inputs += inputs
         watch.base = watch.base or has_base
-        watch.finite = watch.finite and math.isfinite(poison)
+        watch.finite = watch.finite and finite == numel
 
 
 def _fold_group(fold: str) -> NativeGroup:
@@ -192,8 +192,8 @@ def _fold_group(fold: str) -> NativeGroup:
         s, b, has_base, x0, xs = _common(state, base, inputs, first)
         kernel = getattr(_kernels(), fold)
         with _threads():
-            poison = kernel(s, b, has_base, first, x0, xs)
-        _report(float(poison), len(inputs), has_base)
+            finite = kernel(s, b, has_base, first, x0, xs)
+        _report(int(finite), s.shape[0], len(inputs), has_base)
 
     return group
 
@@ -211,8 +211,7 @@ def random_group(state, base, inputs, first, last, params, group) -> None:
     thresholds = rows[:, 1].astype(np.uint32)  # ⌈2^32/(t+1)⌉ − 1 < 2^32
     k = _kernels()
     with _threads():
-        poison = k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0)
-    _report(float(poison), len(inputs), has_base)
+        k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0)
 
 
 # -- TIES ------------------------------------------------------------------------------------------

@@ -88,7 +88,6 @@ class RandomMix(MergeMethod):
     Options = RandomOptions
     default_scale = 1.0
     foldable = True
-    folds_natively = True
 
     def _params(self, key: str) -> _fused.ParamsFn:
         seed = self.options.seed
