@@ -6,18 +6,20 @@ TIES keeps, per task vector τ_t (all tensors of the model flattened, d entries)
 update per entry. Here all tasks are served together, and the histogram is replaced by a bracket:
 
 1. **Sample** (reads about 1/``stride`` of the memory): τ_t at every ``stride``-th position of the
-   concatenated model (the same positions for every task), about ``SAMPLE`` values per task. From
-   the sorted magnitudes, a bracket
-   [lo_t, hi_t] around the quantile r/d, five binomial standard deviations (plus 32 ranks) to each side.
+   concatenated model (the same positions for every task), about ``SAMPLE`` values per task. From the
+   sorted magnitudes, a bracket [lo_t, hi_t] around the quantile r/d, five binomial standard deviations
+   (plus 32 ranks) to each side.
 2. **Count and gather** (one pass): below_t = #{|τ_t| < lo_t}, and the magnitudes inside the
-   bracket (about 1% of the entries) are copied out.
+   bracket (about 0.6% of the entries) are copied out.
 3. **Select**: when below_t < r <= below_t + gathered_t, κ_t is the (r − below_t)-th smallest gathered
    value (``np.partition``) — exactly ``kthvalue`` of the concatenation, whatever the sample was.
    Otherwise (a bracket missed, or more than ``GATHER_CAP`` entries fell inside it) that task falls
    back to the exact radix select. The sample only decides the speed, never the result.
 
-The kernels are numba's (:mod:`magmax.merging._native`); tensors that are not float32 on the CPU (or
-no numba) take the radix select for every task.
+A subsample of the sample goes back to the caller (TIES guesses its majority sign from it). The
+kernels are numba's (:mod:`magmax.merging._native`), all tasks of a tensor in one call when its inputs
+are in memory already, else in groups of ``_fused.GROUP``; blocks of tasks run on torch's threads.
+Tensors that are not float32/bfloat16 on the CPU (or no numba) take the radix select for every task.
 """
 
 from __future__ import annotations
