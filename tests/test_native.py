@@ -151,9 +151,22 @@ def _thresholds_oracle(taus, k):
     return out
 
 
+@pytest.fixture(params=[1, 3], ids=["one thread", "three threads"])
+def task_threads(request, monkeypatch):
+    """Torch's thread count for the native passes; with several, even small tensors are split over
+    threads by blocks of tasks (the pool path), which real models take for their large tensors."""
+    from magmax.merging import _native
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    monkeypatch.setattr(_native, "SERIAL_NUMEL", 0)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("k", [0.2, 0.5, 0.01])
 @pytest.mark.parametrize("quantum", [None, 0.25])
-def test_bracketed_thresholds_equal_kthvalue(k, quantum, monkeypatch):
+def test_bracketed_thresholds_equal_kthvalue(k, quantum, monkeypatch, task_threads):
     from magmax.merging import _threshold
     from magmax.merging.base import TaskSlices
 
@@ -189,7 +202,7 @@ def test_bracket_misses_fall_back_to_the_exact_radix_select(monkeypatch):
 
 @pytest.mark.parametrize("count", [1, 3, 8, 11])
 @pytest.mark.parametrize("options", [{}, {"k": 0.5}, {"k": 1.0}])
-def test_native_ties_equals_torch_ties(count, options, torch_kernels):
+def test_native_ties_equals_torch_ties(count, options, torch_kernels, task_threads):
     base = make_state_dict(11, SHAPES)
     fts = make_finetuned(base, count, seed=12, quantum=0.125)  # exact cancellations: the majority sign matters
     torch_kernels(False)

@@ -231,7 +231,7 @@ def sample_entries(base, inputs, phase, stride, out, filled) -> int:
     n = arrays[0].shape[0]
     kernel = _kernels().sample_entries
     taken = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, phase, stride,
-                                                            out[blk], filled))
+                                                            out[blk], filled), numel=n)
     return int(taken[0])
 
 
@@ -243,14 +243,18 @@ def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
     n = arrays[0].shape[0]
     kernel = _kernels().count_gather
     per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk], high[blk],
-                                                    below[blk], gathered[blk], filled[blk]))
+                                                    below[blk], gathered[blk], filled[blk]), numel=n)
 
 
-def per_task_blocks(count: int, run: Callable[[slice], Any]) -> list[Any]:
+SERIAL_NUMEL = 1 << 16
+"""Tensors of fewer entries are not split over threads: handing work to a pool costs more there."""
+
+
+def per_task_blocks(count: int, run: Callable[[slice], Any], numel: int | None = None) -> list[Any]:
     """``run`` over contiguous blocks of the tasks 0..count−1, one block per torch thread, each on a thread
     of its own (for serial nogil kernels and GIL-free numpy calls: each block reads θ0 once and owns its
-    rows of the outputs). One thread: one call, here."""
-    parts = max(1, min(torch.get_num_threads(), count))
+    rows of the outputs). One thread, or tensors of fewer than ``SERIAL_NUMEL`` entries: one call, here."""
+    parts = 1 if numel is not None and numel < SERIAL_NUMEL else max(1, min(torch.get_num_threads(), count))
     edges = [count * p // parts for p in range(parts + 1)]
     blocks = [slice(edges[p], edges[p + 1]) for p in range(parts)]
     if parts == 1:
