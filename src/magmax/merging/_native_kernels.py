@@ -300,15 +300,17 @@ def _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s,
             pc[k] = c
             nc[k] = d
 
+@njit(inline="always", cache=True)
+def _ties_scratch():  # pragma: no cover - compiled
+    """θ0 and the state (Σ⁺, Σ⁻, n⁺, n⁻) of one block: one set per thread."""
+    return (np.empty(TIES_BLOCK, np.float32), np.empty(TIES_BLOCK, np.float32), np.empty(TIES_BLOCK, np.float32),
+            np.empty(TIES_BLOCK, np.float32), np.empty(TIES_BLOCK, np.float32))
+
 @njit(parallel=True, cache=True, nogil=True)
 def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, addresses, like, n, kappas, first, parts):  # pragma: no cover
     blocks = (n + TIES_BLOCK - 1) // TIES_BLOCK
     for part in prange(parts):  # one set of scratch arrays per thread, a contiguous run of blocks each
-        b0 = np.empty(TIES_BLOCK, np.float32)
-        ps = np.empty(TIES_BLOCK, np.float32)
-        ns = np.empty(TIES_BLOCK, np.float32)
-        pc = np.empty(TIES_BLOCK, np.float32)
-        nc = np.empty(TIES_BLOCK, np.float32)
+        b0, ps, ns, pc, nc = _ties_scratch()
         for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
             lo = blk * TIES_BLOCK
             m = min(TIES_BLOCK, n - lo)
@@ -333,11 +335,7 @@ def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, lik
     balance = 0
     ambiguous = 0
     for part in prange(parts):  # one set of scratch arrays per thread, a contiguous run of blocks each
-        b0 = np.empty(TIES_BLOCK, np.float32)
-        ps = np.empty(TIES_BLOCK, np.float32)
-        ns = np.empty(TIES_BLOCK, np.float32)
-        pc = np.empty(TIES_BLOCK, np.float32)
-        nc = np.empty(TIES_BLOCK, np.float32)
+        b0, ps, ns, pc, nc = _ties_scratch()
         part_balance = 0
         part_ambiguous = 0
         for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
