@@ -254,8 +254,10 @@ def test_a_task_vector_that_overflows_is_not_mistaken_for_a_nan_input():
     assert torch.isinf(merged["w"]).all()
 
 
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic"])
 @pytest.mark.parametrize("count,explicit", [(3, False), (11, False), (1, True)])
-def test_the_separate_nan_pass_is_skipped_only_when_the_folds_vouch_for_every_input(count, explicit, monkeypatch):
+def test_the_separate_nan_pass_is_skipped_only_when_the_folds_vouch_for_every_input(method, count, explicit,
+                                                                                   monkeypatch):
     from magmax import engine
 
     calls = []
@@ -263,7 +265,7 @@ def test_the_separate_nan_pass_is_skipped_only_when_the_folds_vouch_for_every_in
     monkeypatch.setattr(engine, "check_finite", lambda *a: calls.append(a[0]) or real(*a))
     base = make_state_dict(5, SMALL_SHAPES)
     fts = make_finetuned(base, count, seed=6)
-    magmax.merge("magmax", base, fts)
+    magmax.merge(method, base, fts)
     # T = 1 is τ_1 itself (formed by torch, not by a fold that checks): the explicit pass runs.
     assert bool(calls) == explicit
     calls.clear()

@@ -264,10 +264,11 @@ def per_task_blocks(count: int, run: Callable[[slice], Any], numel: int | None =
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    with _launch:
+    with _pools_lock:
         if workers not in _pools:
             _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="magmax-native")
         return _pools[workers]
