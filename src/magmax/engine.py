@@ -239,6 +239,16 @@ class MergeRun:
         return TaskSlices(name, len(self.finetuned), load, base=base_tensor, finetuned=finetuned,
                           resident=self._resident(unit))
 
+    def _checked_in_passing(self, unit: Unit) -> bool:
+        """Whether the method's native folds will check this unit's inputs for NaN/Inf as they merge it:
+        one-pass methods, CPU, float32/bfloat16 (the folds' dtypes: no second read for others), T >= 2."""
+        m = self.method
+        if not (self.check_values and m.folds_natively and not m.uses_task_stats and _native.enabled()):
+            return False
+        if self.device.type != "cpu" or len(unit.keys) != 1 or len(self.finetuned) < 2:
+            return False
+        return self.base.meta(unit.keys[0]).dtype in (torch.float32, torch.bfloat16)
+
     def _resident(self, unit: Unit) -> bool:
         """Tensors of in-memory state dicts on the CPU: loading copies nothing, a kernel may hold all T."""
         return self.device.type == "cpu" and len(unit.keys) == 1 and all(
@@ -275,10 +285,10 @@ class MergeRun:
 
     def _merge_unit(self, unit: Unit) -> Iterator[tuple[str, Tensor]]:
         m = self.method
-        if self.check_values and m.folds_natively and self._resident(unit) and not m.uses_task_stats:
-            # One-pass methods on in-memory inputs: the native folds tell whether every τ entry was
-            # finite as they read the inputs, which saves the NaN/Inf pass (as long as the merge); the
-            # explicit check runs when they could not vouch for all inputs, before anything is yielded.
+        if self._checked_in_passing(unit):
+            # The native folds tell whether every τ entry was finite as they read the inputs, which saves
+            # the NaN/Inf pass (as long as the merge); the explicit check runs (reading the inputs again)
+            # when they could not vouch for all of them, before anything is yielded.
             with _native.finite_watch() as watch:
                 base_tensor = self._load_unit(self.base, -1, unit, check=False)
                 tau = m.merge_tensor(unit.name, self.slices(unit.name, base_tensor, check=False))
