@@ -508,3 +508,30 @@ def test_format_bytes():
     assert format_bytes(1_500_000) == "1.5 MB"
     assert format_bytes(2_000_000_000) == "2.0 GB"
     assert format_bytes(3e12) == "3000.0 GB"
+
+
+def test_recycled_read_buffers_are_never_shared_by_live_tensors(tmp_path):
+    """A read reuses a buffer only once no tensor (nor view of one) read into it is alive."""
+    from magmax.checkpoints import SafetensorsReader, recycled_read_buffers
+
+    state = {"a": torch.arange(12.0), "b": -torch.arange(12.0), "c": torch.arange(6, dtype=torch.int64)}
+    path = tmp_path / "m.safetensors"
+    st.save_file(state, path)
+    reader = SafetensorsReader(path)
+    with recycled_read_buffers(nbytes=48, count=2) as pool:
+        a = reader.get("a")
+        view = a[3:]  # a view keeps a's buffer busy after a itself is gone
+        del a
+        b = reader.get("b")
+        assert b.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+        c = reader.get("c")  # both pool buffers busy: fresh memory
+        assert len(pool._buffers) == 2
+        for got, key in ((view, "a"), (b, "b"), (c, "c")):
+            want = state[key][3:] if key == "a" else state[key]
+            assert torch.equal(got, want), key
+        del view
+        again = reader.get("a")  # a's buffer is free again: reused, and holds the right values
+        assert torch.equal(again, state["a"]) and len(pool._buffers) == 2
+        assert again.untyped_storage().data_ptr() == pool._buffers[0].untyped_storage().data_ptr()
+        assert torch.equal(b, state["b"])
+    reader.close()

@@ -30,12 +30,15 @@ from magmax.checkpoints import (
     ShardedSafetensorsWriter,
     copy_model_files,
     open_checkpoint,
+    recycled_read_buffers,
+    tensor_nbytes,
 )
 from magmax.cli import app
 from magmax.engine import MergeRun, MergeStats, TensorMeta
 from magmax.errors import ConfigError
 from magmax.memory import format_bytes, peak_rss_bytes, return_large_buffers_to_the_os
 from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
+from magmax.merging import _fused
 
 ProgressCallback = Callable[[str, int], None]
 
@@ -127,8 +130,12 @@ class CheckpointMerge:
             max_shard_bytes=None if config.single_file else config.shard_size,
             metadata={"magmax_merge": self._provenance()},
         )
+        largest = max((tensor_nbytes(self.engine.base.meta(key)) for key in self.engine.keys), default=0)
         try:
-            stats = self.engine.run(writer, progress)
+            # Reads reuse the buffers of tensors the merge is done with: at most a group of inputs, θ0
+            # and a little slack are alive at once (fresh pages cost as much as the reads themselves).
+            with recycled_read_buffers(largest, _fused.GROUP + 2):
+                stats = self.engine.run(writer, progress)
             writer.close()
         finally:
             writer.abort()
