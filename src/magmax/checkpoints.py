@@ -3,10 +3,11 @@
 Readers (each an :class:`magmax.engine.TensorReader`, opened by :func:`open_checkpoint`):
 
 * a ``.safetensors`` file: the header is parsed once and every ``get`` reads exactly that tensor's
-  bytes with a positioned read into a fresh tensor. No memory map, so neither the resident set nor
-  the address space grows with the file: a merge runs under ``ulimit -v`` far below the checkpoints'
-  size (bench/outofcore_memory.py), whatever the safetensors version (older ones return views of a
-  mapping whose pages stay resident);
+  bytes with a positioned read into a fresh tensor (or, inside :func:`recycled_read_buffers`, into a
+  buffer no live tensor uses any more). No memory map, so neither the resident set nor the address
+  space grows with the file: a merge runs under ``ulimit -v`` far below the checkpoints' size
+  (bench/outofcore_memory.py), whatever the safetensors version (older ones return views of a mapping
+  whose pages stay resident);
 * a Hugging Face model folder: ``*.safetensors.index.json`` (sharded, via its ``weight_map``), a
   single ``model.safetensors``, or the same with ``pytorch_model.bin``;
 * a torch state dict (``.pt/.pth/.bin``): ``torch.load(weights_only=True, mmap=True)``; each tensor
