@@ -49,7 +49,7 @@ from torch import Tensor
 
 import magmax
 from magmax.merging import _fused, _native
-from magmax.merging.base import MergeMethod, TaskSlices
+from magmax.merging.base import MergeMethod, TaskSlices, merge_all
 
 FUSED = ("magmax", "average", "task_arithmetic", "random")
 DEFAULT_METHODS = ("magmax", "average", "random", "ties", "tsv")
@@ -144,18 +144,7 @@ def merge_task_vectors(method: MergeMethod, taus: Sequence[Mapping[str, Tensor]]
     def slices(key: str) -> TaskSlices:
         return TaskSlices.from_list(key, [tau[key] for tau in taus])
 
-    if method.uses_task_stats:
-        total = sum(taus[0][key].numel() for key in keys)
-        method.observe_tasks(lambda: ((key, slices(key)) for key in keys), len(taus), total)
-    deferred = method.uses_global_reduce and method.defers_global_reduce
-    if deferred:
-        method.begin_deferred_reduce()
-    elif method.uses_global_reduce:
-        method.reduce_states((key, method.global_contribution(key, slices(key))) for key in keys)
-    merged = {key: method.merge_tensor(key, slices(key)) for key in keys}
-    if deferred:
-        merged.update((key, method.merge_tensor(key, slices(key))) for key in method.provisional_units())
-    return merged
+    return merge_all(method, keys, slices, len(taus), sum(taus[0][key].numel() for key in keys))
 
 
 def copy_bandwidth(size: int, device: torch.device, repeats: int) -> float:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from magmax.engine import DictReader, DictWriter, MergeRun
 from magmax.errors import MergeInputError
-from magmax.merging.base import MergeMethod, TaskSlices, create_method
+from magmax.merging.base import MergeMethod, TaskSlices, create_method, merge_all
 from magmax.taskvector import apply_task_vector, check_compatible, check_finite, is_mergeable, task_vector_tensor
 
 StateDict = Mapping[str, Tensor]
@@ -102,15 +102,11 @@ class Merger:
             # result() must not consume the running state: later add() calls continue from it.
             return {k: m.result(_clone_state(s), k) for k, s in self._states.items()}
         keys = [k for k, v in self.base.items() if is_mergeable(v.dtype)]
+
         def slices(key: str) -> TaskSlices:
             return TaskSlices.from_list(key, [tau[key] for tau in self._taus])
 
-        if m.uses_task_stats:
-            total = sum(self.base[k].numel() for k in keys)
-            m.observe_tasks(lambda: ((k, slices(k)) for k in keys), len(self._taus), total)
-        if m.uses_global_reduce:
-            m.reduce_states((k, m.global_contribution(k, slices(k))) for k in keys)
-        return {k: m.merge_tensor(k, slices(k)) for k in keys}
+        return merge_all(m, keys, slices, len(self._taus), sum(self.base[k].numel() for k in keys))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the stream later (see :mod:`magmax.state_io` to save it)."""

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from magmax.errors import MergeInputError
 from magmax.merging import _native
-from magmax.merging.base import MergeMethod, TaskSlices
+from magmax.merging.base import MergeMethod, TaskSlices, run_statistics
 from magmax.taskvector import check_finite, check_tensor_pair, combine, is_mergeable, task_vector_tensor
 
 
@@ -154,6 +154,7 @@ class MergeRun:
         self._float_key_set = set(self.float_keys)
         self._checked: set[tuple[int, str]] = set()
         self._bucketed = bucketed
+        self._in_memory = all(isinstance(reader, DictReader) for reader in (base, *finetuned))
         self.plan = self._plan()
         self.units = {unit.name: unit for unit in self.plan if unit.merged}
 
@@ -251,22 +252,13 @@ class MergeRun:
 
     def _resident(self, unit: Unit) -> bool:
         """Tensors of in-memory state dicts on the CPU: loading copies nothing, a kernel may hold all T."""
-        return self.device.type == "cpu" and len(unit.keys) == 1 and all(
-            isinstance(reader, DictReader) for reader in (self.base, *self.finetuned)
-        )
+        return self._in_memory and self.device.type == "cpu" and len(unit.keys) == 1
 
     # -- running -------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Statistics passes that couple tensors (per-task thresholds, global signs), if the method has any."""
-        m = self.method
-        if m.uses_task_stats:
-            total = sum(self.base.meta(key).numel for key in self.float_keys)
-            m.observe_tasks(lambda: ((name, self.slices(name)) for name in self.units), len(self.finetuned), total)
-        if m.uses_global_reduce:
-            if m.defers_global_reduce:
-                m.begin_deferred_reduce()
-            else:
-                m.reduce_states((name, m.global_contribution(name, self.slices(name))) for name in self.units)
+        total = sum(self.base.meta(key).numel for key in self.float_keys)
+        run_statistics(self.method, list(self.units), self.slices, len(self.finetuned), total)
 
     def iter_merged(self) -> Iterator[tuple[str, Tensor]]:
         """(key, merged tensor) in base key order; non-float tensors come from the base unchanged.

@@ -217,18 +217,18 @@ def random_group(state, base, inputs, first, last, params, group) -> None:
 # -- TIES ------------------------------------------------------------------------------------------
 
 
-def _addresses(inputs: Sequence[Tensor]) -> tuple[list[np.ndarray], np.ndarray]:
-    """numpy views of ``inputs`` (keep them alive while a kernel runs) and their data addresses."""
+def _by_address(base: Tensor | None, inputs: Sequence[Tensor]) -> tuple[Any, ...]:
+    """(θ0 as numpy or an empty array of the inputs' dtype, has θ0, numpy views of ``inputs`` — keep them
+    alive while a kernel runs —, their data addresses, their length) for the kernels taking addresses."""
     arrays = [_array(x) for x in inputs]
-    return arrays, np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+    addresses = np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+    b = _array(base) if base is not None else arrays[0][:0]
+    return b, base is not None, arrays, addresses, arrays[0].shape[0]
 
 
 def sample_entries(base, inputs, phase, stride, out, filled) -> int:
     """Append τ_j at every ``stride``-th position (from ``phase``) of one tensor to ``out[j, filled:]``."""
-    has_base = base is not None
-    arrays, addresses = _addresses(inputs)
-    b = _array(base) if has_base else arrays[0][:0]
-    n = arrays[0].shape[0]
+    b, has_base, arrays, addresses, n = _by_address(base, inputs)
     kernel = _kernels().sample_entries
     taken = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, phase, stride,
                                                             out[blk], filled), numel=n)
@@ -237,10 +237,7 @@ def sample_entries(base, inputs, phase, stride, out, filled) -> int:
 
 def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
     """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them)."""
-    has_base = base is not None
-    arrays, addresses = _addresses(inputs)
-    b = _array(base) if has_base else arrays[0][:0]
-    n = arrays[0].shape[0]
+    b, has_base, arrays, addresses, n = _by_address(base, inputs)
     kernel = _kernels().count_gather
     per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk], high[blk],
                                                     below[blk], gathered[blk], filled[blk]), numel=n)
@@ -279,21 +276,16 @@ def ties_group(state, out, base, inputs, kappas, first, last, majority_positive)
     arrays); last → τ* in ``out`` (zero elected signs take the positive side when ``majority_positive``)
     and (balance, ambiguous): the elected-sign balance and the number of entries whose value depends on
     the majority sign."""
-    has_base = base is not None
-    arrays, addresses = _addresses(inputs)  # arrays kept alive through the call
+    b, has_base, arrays, addresses, n = _by_address(base, inputs)
     ps, ns, pc, nc = (_EMPTY,) * 4 if state is None else state
-    b = _array(base) if has_base else arrays[0][:0]
     kap = np.asarray(kappas, dtype=np.float32)
-    n = arrays[0].shape[0]
     k = _kernels()
     with _threads():
-        import numba
-
-        parts = max(1, min(numba.get_num_threads(), n // 65536))  # small tensors: one thread
+        # A thread per SERIAL_NUMEL entries at most: small tensors run on one.
+        parts = max(1, min(torch.get_num_threads(), n // max(SERIAL_NUMEL, 1)))
         if not last:
             k.ties_partial(ps, ns, pc, nc, b, has_base, addresses, arrays[0], n, kap, first, parts)
             return 0, 0
         balance, ambiguous = k.ties_merge(ps, ns, pc, nc, _array(out), b, has_base, addresses, arrays[0], n, kap,
                                           first, majority_positive, parts)
-    del arrays
     return int(balance), int(ambiguous)

@@ -175,11 +175,10 @@ def elected_sign_balance(state: ConsensusState) -> int:
     return int((total > 0).sum()) - int((total < 0).sum())
 
 
-def majority_sign(states: Iterable[tuple[str, ConsensusState | int]]) -> int:
-    """sign(Σ over every entry of the model of its elected sign), in exact integer arithmetic.
-
-    Each item is a tensor's final fold state, or its :func:`elected_sign_balance` computed already."""
-    balance = sum(state if isinstance(state, int) else elected_sign_balance(state) for _, state in states)
+def majority_sign(states: Iterable[tuple[str, ConsensusState]]) -> int:
+    """sign(Σ over every entry of the model of its elected sign), in exact integer arithmetic, from every
+    tensor's final fold state."""
+    balance = sum(elected_sign_balance(state) for _, state in states)
     return (balance > 0) - (balance < 0)
 
 

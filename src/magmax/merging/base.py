@@ -193,6 +193,33 @@ def generator_for(seed: int, key: str, t: int, device: torch.device) -> torch.Ge
     return gen
 
 
+# -- batch merges --------------------------------------------------------------------------------
+
+
+def run_statistics(method: MergeMethod, keys: Sequence[str], slices: Callable[[str], TaskSlices], count: int,
+                   total_numel: int) -> None:
+    """The passes a batch merge runs before ``merge_tensor``: per-task statistics, then the global reduce
+    (or, for a method that defers it, its start). ``slices(key)`` gives a tensor's T slices afresh."""
+    if method.uses_task_stats:
+        method.observe_tasks(lambda: ((key, slices(key)) for key in keys), count, total_numel)
+    if method.uses_global_reduce:
+        if method.defers_global_reduce:
+            method.begin_deferred_reduce()
+        else:
+            method.reduce_states((key, method.global_contribution(key, slices(key))) for key in keys)
+
+
+def merge_all(method: MergeMethod, keys: Sequence[str], slices: Callable[[str], TaskSlices], count: int,
+              total_numel: int) -> dict[str, Tensor]:
+    """τ* of every key, with the statistics passes and the re-merge of provisional tensors, as the engine
+    runs them (which also loads, checks and writes as it goes)."""
+    run_statistics(method, keys, slices, count, total_numel)
+    merged = {key: method.merge_tensor(key, slices(key)) for key in keys}
+    if method.uses_global_reduce and method.defers_global_reduce:
+        merged.update((key, method.merge_tensor(key, slices(key))) for key in method.provisional_units())
+    return merged
+
+
 # -- registry --------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}

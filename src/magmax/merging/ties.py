@@ -133,8 +133,8 @@ class Ties(MergeMethod):
         self._thresholds.update(enumerate(thresholds.values))
         self._guess = 1 if thresholds.sample is None else sampled_majority(thresholds.sample, thresholds.values)
 
-    def reduce_states(self, states: Iterable[tuple[str, ConsensusState | int]]) -> None:
-        """m from every tensor's elected-sign balance (an int) or its final fold state."""
+    def reduce_states(self, states: Iterable[tuple[str, ConsensusState]]) -> None:
+        """m from every tensor's final fold state."""
         self._majority = majority_sign(states)
 
     # The majority sign m only matters where an elected sign is 0 although some entries survived the
@@ -223,7 +223,7 @@ class Ties(MergeMethod):
             numel = xs[0].numel()
             if out is None:
                 out = torch.empty(numel, dtype=torch.float32)
-            if state is None and count > _fused.GROUP:
+            if state is None and count > size:
                 state = self._scratch_state(numel)
             balance, ambiguous = _native.ties_group(state, out, base, xs, kappas[start:stop], start == 0,
                                                     stop == count, majority_positive)
