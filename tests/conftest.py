@@ -8,6 +8,13 @@ import os
 # a test run must never pay a compile by accident. Tests that exercise compiling set the mode themselves.
 os.environ.setdefault("MAGMAX_COMPILE", "never")
 
+import torch  # noqa: E402
+
+# Without a GPU, the Triton kernels are tested in Triton's interpreter (tests/test_gpu_kernels.py), which
+# triton must know of before it is first imported (its library functions are decorated then).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 
 from magmax.merging import _fused  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from magmax.errors import MergeInputError
-from magmax.merging import _native
+from magmax.merging import _gpu, _native
 from magmax.merging.base import MergeMethod, TaskSlices, run_statistics
 from magmax.taskvector import check_finite, check_tensor_pair, combine, is_mergeable, task_vector_tensor
 
@@ -155,6 +155,7 @@ class MergeRun:
         self._checked: set[tuple[int, str]] = set()
         self._bucketed = bucketed
         self._in_memory = all(isinstance(reader, DictReader) for reader in (base, *finetuned))
+        self._on_device: bool | None = None
         self.plan = self._plan()
         self.units = {unit.name: unit for unit in self.plan if unit.merged}
 
@@ -165,7 +166,7 @@ class MergeRun:
         tensors of one dtype merged as one flat tensor (one kernel launch per step instead of one per
         tensor: a ViT-B/16 has 152 tensors, and per-tensor launches cost more than the GPU's work)."""
         bucketed = self.device.type == "cuda" if self._bucketed is None else self._bucketed
-        bucketed = bucketed and self.method.key_independent
+        bucketed = bucketed and (self.method.key_independent or self.method.merges_many)
         plan: list[Unit] = []
         run: list[str] = []
         run_numel = 0
@@ -240,15 +241,44 @@ class MergeRun:
         return TaskSlices(name, len(self.finetuned), load, base=base_tensor, finetuned=finetuned,
                           resident=self._resident(unit))
 
+    def _key_slices(self, key: str, base_tensor: Tensor, check: bool) -> TaskSlices:
+        """τ_1..τ_T of one key of a unit handed over tensor by tensor (:meth:`_merge_segments`)."""
+
+        def finetuned(t: int) -> Tensor:
+            return self._load(self.finetuned[t], t, key, check)
+
+        def load(t: int) -> Tensor:
+            return task_vector_tensor(base_tensor, finetuned(t))
+
+        return TaskSlices(key, len(self.finetuned), load, base=base_tensor, finetuned=finetuned,
+                          resident=self._inputs_on_device())
+
+    def _by_segments(self, unit: Unit) -> bool:
+        """Whether the unit goes to ``merge_tensors`` as separate tensors: a run of tensors (a bucket),
+        or any tensor on a GPU, for a method that merges many at once."""
+        return self.method.merges_many and (len(unit.keys) > 1 or self.device.type == "cuda")
+
     def _checked_in_passing(self, unit: Unit) -> bool:
-        """Whether the method's native folds will check this unit's inputs for NaN/Inf as they merge it:
-        one-pass methods, CPU, float32/bfloat16 (the folds' dtypes: no second read for others), T >= 2."""
+        """Whether the method's folds will check this unit's inputs for NaN/Inf as they merge it: one-pass
+        methods whose folds count finite entries, float32/bfloat16 on CPU (the numba folds; one key, T >= 2),
+        or the dtypes of the GPU folds for a unit handed over tensor by tensor (no second read for others)."""
         m = self.method
-        if not (self.check_values and m.folds_natively and not m.uses_task_stats and _native.enabled()):
+        if not (self.check_values and m.folds_natively and not m.uses_task_stats):
             return False
-        if self.device.type != "cpu" or len(unit.keys) != 1 or len(self.finetuned) < 2:
+        dtype = self.base.meta(unit.keys[0]).dtype
+        if self._by_segments(unit):
+            return _gpu.serves(self.device, dtype)
+        if not _native.enabled() or self.device.type != "cpu" or len(unit.keys) != 1 or len(self.finetuned) < 2:
             return False
-        return self.base.meta(unit.keys[0]).dtype in (torch.float32, torch.bfloat16)
+        return dtype in (torch.float32, torch.bfloat16)
+
+    def _inputs_on_device(self) -> bool:
+        """In-memory state dicts whose tensors are on the merge's device already: loading copies nothing."""
+        if self._on_device is None:
+            self._on_device = self._in_memory and (
+                not self.float_keys or self.base.get(self.float_keys[0]).device == self.device
+            )
+        return self._on_device
 
     def _resident(self, unit: Unit) -> bool:
         """Tensors of in-memory state dicts on the CPU: loading copies nothing, a kernel may hold all T."""
@@ -275,7 +305,30 @@ class MergeRun:
             for name in self.method.provisional_units():
                 yield from self._merge_unit(self.units[name])
 
+    def _merge_segments(self, unit: Unit) -> Iterator[tuple[str, Tensor]]:
+        """The unit's tensors handed to ``merge_tensors`` as they are (nothing concatenated): on a GPU, one
+        launch per group of inputs for all of them."""
+        m = self.method
+        in_passing = self._checked_in_passing(unit)
+        with _native.finite_watch() as watch:
+            bases = [self._load(self.base, -1, key, check=not in_passing) for key in unit.keys]
+            slices = [self._key_slices(key, base, check=not in_passing) for key, base in zip(unit.keys, bases)]
+            taus = m.merge_tensors(list(unit.keys), slices)
+        del slices
+        if in_passing and not watch.proves_finite(len(self.finetuned)):
+            for key in unit.keys:  # the explicit check, naming the tensor, before anything is yielded
+                self._load(self.base, -1, key)
+                for t, reader in enumerate(self.finetuned):
+                    self._load(reader, t, key)
+        for key, base_tensor, tau in zip(unit.keys, bases, taus):
+            merged = combine(base_tensor, tau, m.scale, self.out_dtype)
+            yield key, merged.cpu()
+        del bases, taus
+
     def _merge_unit(self, unit: Unit) -> Iterator[tuple[str, Tensor]]:
+        if self._by_segments(unit):
+            yield from self._merge_segments(unit)
+            return
         m = self.method
         if self._checked_in_passing(unit):
             # The native folds tell whether every τ entry was finite as they read the inputs, which saves

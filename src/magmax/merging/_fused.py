@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from magmax.errors import ConfigError
-from magmax.merging import _native
+from magmax.merging import _gpu, _native
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,17 @@ class GroupKernel(Protocol):
     def __call__(self, state: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: Step, ws: Workspace) -> None: ...
 
 
-def native(group: _native.NativeGroup | None) -> Callable[[GroupKernel], GroupKernel]:
-    """Decorator: ``group`` (from :mod:`magmax.merging._native`) runs this kernel's groups on CPU when it can.
+def native(group: _native.NativeGroup | None, gpu: str | None = None) -> Callable[[GroupKernel], GroupKernel]:
+    """Decorator: ``group`` (from :mod:`magmax.merging._native`) runs this kernel's groups on CPU when it
+    can; ``gpu`` names the op of :func:`magmax.merging._gpu.fold` that runs them on a GPU, many tensors at
+    once (:func:`fold_many`).
 
-    The native function must compute exactly what the torch kernel computes (the tests compare bits).
+    Both must compute exactly what the torch kernel computes (the tests compare bits).
     """
 
     def attach(kernel: GroupKernel) -> GroupKernel:
         kernel.native = group  # type: ignore[attr-defined]
+        kernel.gpu = gpu  # type: ignore[attr-defined]
         return kernel
 
     return attach
@@ -153,13 +156,61 @@ def tau_of(scratch: Tensor, x: Tensor, base32: Tensor | None) -> Tensor:
 
 def fold_slices(kernel: GroupKernel, slices: Sequence[Tensor], params: ParamsFn | None = None) -> Tensor:
     """The fold of a tensor's T slices (``TaskSlices`` hand over unformed τ; a plain list is taken as τ)."""
+    return fold_operands(kernel, _operands_of(slices), len(slices), params)
+
+
+def fold_many(
+    kernel: GroupKernel,
+    slices: Sequence[Sequence[Tensor]],
+    params: Sequence[ParamsFn] | None = None,
+    divide: bool = False,
+) -> list[Tensor] | None:
+    """The folds of several tensors (``slices[s]``: tensor s's T slices) in one launch per group of inputs
+    for all of them, on a GPU (:mod:`magmax.merging._gpu`); ``divide``: each result divided by T (the
+    mean). None when that path cannot take them (no triton, not on a GPU, other dtypes): the caller folds
+    tensor by tensor. Inputs already in memory go in one group; else groups of :data:`GROUP`."""
+    op = getattr(kernel, "gpu", None)
+    if op is None or not slices or not _gpu.possible():
+        return None
+    count = len(slices[0])
+    if count < 1 or any(len(s) != count for s in slices):
+        return None
+    operands = [_operands_of(s) for s in slices]
+    size = count if all(getattr(s, "resident", False) for s in slices) else GROUP
+    states: list[Tensor] | None = None
+    shapes: list[torch.Size] = []
+    for start in range(0, count, size):
+        stop = min(start + size, count)
+        pairs = [[operand(t) for operand in operands] for t in range(start, stop)]
+        bases = [base for _, base in pairs[0]]
+        has_base = all(b is not None for b in bases)
+        if not has_base and any(b is not None for b in bases):
+            return None
+        xs = [[x.reshape(-1) for x, _ in row] for row in pairs]
+        flat_bases = [b.reshape(-1) for b in bases] if has_base else None  # type: ignore[union-attr]
+        if states is None:
+            if not _gpu.accepts([x for row in xs for x in row] + (flat_bases or [])):
+                return None
+            shapes = [x.shape for x, _ in pairs[0]]
+            states = [torch.empty(x.numel(), dtype=_F32, device=x.device) for x in xs[0]]
+        rows = None
+        if params is not None:
+            rows = torch.stack([fn(start, stop - start, count) for fn in params], dim=1)
+        try:
+            _gpu.fold(op, states, flat_bases, xs, start == 0, count if divide and stop == count else None, rows)
+        except Exception as exc:  # the Triton kernels are an optimisation: the torch kernels give the same
+            _gpu.disable(exc)
+            return None
+        del pairs, xs, flat_bases, bases
+    assert states is not None
+    return [state.view(shape) for state, shape in zip(states, shapes)]
+
+
+def _operands_of(slices: Sequence[Tensor]) -> Callable[[int], tuple[Tensor, Tensor | None]]:
     operands = getattr(slices, "operands", None)
-    if operands is None:
-
-        def operands(t: int) -> tuple[Tensor, Tensor | None]:
-            return slices[t], None
-
-    return fold_operands(kernel, operands, len(slices), params)
+    if operands is not None:
+        return operands
+    return lambda t: (slices[t], None)
 
 
 def groups(

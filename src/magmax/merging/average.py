@@ -36,6 +36,7 @@ class Average(MergeMethod):
     foldable = True
     folds_natively = True
     key_independent = True
+    merges_many = True
 
     def init(self, key: str, first: Tensor) -> tuple[Tensor, int]:
         return first.to(torch.float32, copy=True), 1
@@ -50,3 +51,8 @@ class Average(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         return mean_of_sum(_fused.fold_slices(sum_kernel, slices), len(slices))
+
+    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        # The GPU kernel divides by T itself, correctly rounded, as mean_of_sum does.
+        many = _fused.fold_many(sum_kernel, slices, divide=True)
+        return many if many is not None else super().merge_tensors(keys, slices)

@@ -112,6 +112,10 @@ class MergeMethod:
     float32/bfloat16 inputs), which report whether every entry was finite (``_native.finite_watch``):
     the engine may then skip its own NaN/Inf pass over in-memory inputs."""
 
+    merges_many: bool = False
+    """:meth:`merge_tensors` merges several tensors at once (on a GPU: one launch per group of inputs for
+    all of them), so the engine hands it runs of tensors on a GPU instead of one tensor at a time."""
+
     def __init__(self, options: MethodOptions | None = None):
         self.options = options if options is not None else self.Options()
 
@@ -181,6 +185,11 @@ class MergeMethod:
         """τ* for one tensor from its T slices (float32, same shape)."""
         return self.result(self.fold(key, slices), key)
 
+    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        """τ* of several tensors (``slices[i]``: the T slices of ``keys[i]``); the same as
+        :meth:`merge_tensor` key by key, which is what the default does."""
+        return [self.merge_tensor(key, s) for key, s in zip(keys, slices)]
+
 
 def seed_for(seed: int, key: str, t: int = 0) -> int:
     """A stable per-(seed, tensor, task) seed, so random methods do not depend on tensor order."""
@@ -214,7 +223,10 @@ def merge_all(method: MergeMethod, keys: Sequence[str], slices: Callable[[str], 
     """τ* of every key, with the statistics passes and the re-merge of provisional tensors, as the engine
     runs them (which also loads, checks and writes as it goes)."""
     run_statistics(method, keys, slices, count, total_numel)
-    merged = {key: method.merge_tensor(key, slices(key)) for key in keys}
+    if method.merges_many:
+        merged = dict(zip(keys, method.merge_tensors(keys, [slices(key) for key in keys])))
+    else:
+        merged = {key: method.merge_tensor(key, slices(key)) for key in keys}
     if method.uses_global_reduce and method.defers_global_reduce:
         merged.update((key, method.merge_tensor(key, slices(key))) for key in method.provisional_units())
     return merged

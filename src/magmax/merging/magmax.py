@@ -34,7 +34,7 @@ from magmax.merging.base import MergeMethod, register
 _MAGNITUDE_BITS = 0x7FFFFFFF
 
 
-@_fused.native(_native.magmax_group)
+@_fused.native(_native.magmax_group, gpu="magmax")
 def magmax_kernel(
     best: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
 ) -> None:
@@ -65,6 +65,7 @@ class MagMax(MergeMethod):
     foldable = True
     folds_natively = True
     key_independent = True
+    merges_many = True
 
     def init(self, key: str, first: Tensor) -> Tensor:
         return first.to(torch.float32, copy=True)
@@ -77,3 +78,7 @@ class MagMax(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         return _fused.fold_slices(magmax_kernel, slices)
+
+    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        many = _fused.fold_many(magmax_kernel, slices)
+        return many if many is not None else super().merge_tensors(keys, slices)

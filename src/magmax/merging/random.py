@@ -46,7 +46,7 @@ def _xorshift16(x: Tensor, tmp: Tensor) -> None:
     x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
-@_fused.native(_native.random_group)
+@_fused.native(_native.random_group, gpu="random")
 def random_kernel(
     choice: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
 ) -> None:
@@ -88,6 +88,7 @@ class RandomMix(MergeMethod):
     Options = RandomOptions
     default_scale = 1.0
     foldable = True
+    merges_many = True
 
     def _params(self, key: str) -> _fused.ParamsFn:
         seed = self.options.seed
@@ -109,3 +110,7 @@ class RandomMix(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         return _fused.fold_slices(random_kernel, slices, self._params(key))
+
+    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        many = _fused.fold_many(random_kernel, slices, [self._params(key) for key in keys])
+        return many if many is not None else super().merge_tensors(keys, slices)

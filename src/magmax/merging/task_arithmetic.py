@@ -20,7 +20,7 @@ from magmax.merging import _fused, _native
 from magmax.merging.base import MergeMethod, register
 
 
-@_fused.native(_native.sum_group)
+@_fused.native(_native.sum_group, gpu="sum")
 def sum_kernel(
     total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
 ) -> None:
@@ -43,6 +43,7 @@ class TaskArithmetic(MergeMethod):
     foldable = True
     folds_natively = True
     key_independent = True
+    merges_many = True
 
     def init(self, key: str, first: Tensor) -> Tensor:
         return first.to(torch.float32, copy=True)
@@ -55,3 +56,7 @@ class TaskArithmetic(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         return _fused.fold_slices(sum_kernel, slices)
+
+    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        many = _fused.fold_many(sum_kernel, slices)
+        return many if many is not None else super().merge_tensors(keys, slices)

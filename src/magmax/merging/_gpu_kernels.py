@@ -1,0 +1,103 @@
+"""Triton multi-tensor folds: every tensor of a bucket and every input of a group in one launch.
+
+Imported only by :mod:`magmax.merging._gpu`, when triton is installed. One program merges BLOCK
+consecutive entries of one tensor ("segment"); a per-block table says which segment and where in it.
+The inputs come as a table of addresses (``x_addr[t·S + s]``: input t of segment s), so any number of
+tensors and tasks go in one launch with nothing concatenated or stacked, and each entry of each input is
+read once, the state written once (the bandwidth floor, apart from the small tables).
+
+Per entry, for the inputs j of the group in order (τ_j = float32(x_j) − float32(θ0), as the engine forms it):
+
+* MagMax (``OP = 0``): best = τ_j where |τ_j| ≥ |best| (ties go to the later task); |best| kept, not
+  recomputed.
+* Σ (``OP = 1``): total = total + τ_j, left to right in float32; ``DIVIDE``: total / divisor, correctly
+  rounded (``div_rn``; Triton's ``/`` is not), for averaging.
+* random (``OP = 2``): choice = τ_j where h(i; k_j) ≤ thr_j (the uint32 hash of
+  :mod:`magmax.merging.random`, i the entry's index in its tensor).
+
+These are the IEEE-754 float32 operations of the torch and numba kernels in the same order (no FMA can
+form: there is no multiply-add), so the results agree bit for bit; the tests check it under Triton's
+interpreter. MagMax and Σ also count the entries whose sum of τ's is finite (NaN/Inf in an input makes
+it non-finite), one atomic add per program, so that the engine can skip its NaN/Inf pass.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+OP_MAGMAX = 0
+OP_SUM = 1
+OP_RANDOM = 2
+
+
+@triton.jit
+def fold_segments(
+    block_segment,  # int32[blocks]: the segment of each program
+    block_start,  # int64[blocks]: its first entry within the segment
+    segment_numel,  # int64[S]
+    out_addr,  # int64[S]: float32 state / result of each segment
+    base_addr,  # int64[S]: θ0 of each segment (unused without HAS_BASE)
+    x_addr,  # int64[G·S]: input j of segment s at j·S + s
+    params,  # int64[G·S·2]: random's (k_j, thr_j) of segment s at (j·S + s)·2
+    finite,  # int64[1]: entries whose τ sum is finite, summed over programs
+    S,
+    G,
+    divisor,
+    FIRST: tl.constexpr,
+    DIVIDE: tl.constexpr,
+    OP: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    s = tl.load(block_segment + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(segment_numel + s)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    out = tl.load(out_addr + s).to(tl.pointer_type(tl.float32))
+    if HAS_BASE:
+        b = tl.load(tl.load(base_addr + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    if FIRST:
+        x0 = tl.load(tl.load(x_addr + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
+        state = x0 - b
+        probe = state
+        j0 = 1
+    else:
+        state = tl.load(out + offs, mask=mask, other=0.0)
+        probe = tl.zeros([BLOCK], dtype=tl.float32)
+        j0 = 0
+    mag = tl.abs(state)
+    spread = offs.to(tl.uint32) * 0x61C88647
+    for j in range(j0, G):
+        x = tl.load(tl.load(x_addr + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0)
+        v = x.to(tl.float32) - b
+        if OP == 0:
+            probe = probe + v
+            a = tl.abs(v)
+            take = a >= mag
+            state = tl.where(take, v, state)
+            mag = tl.where(take, a, mag)
+        elif OP == 1:
+            state = state + v
+        else:
+            key = tl.load(params + (j * S + s) * 2).to(tl.uint32)
+            threshold = tl.load(params + (j * S + s) * 2 + 1).to(tl.uint32)
+            h = spread + key
+            h = h ^ (h >> 16)
+            h = h * 0x45D9F3B
+            h = h ^ (h >> 16)
+            h = h * 0x45D9F3B
+            state = tl.where(h <= threshold, v, state)
+    if OP == 1:
+        probe = state
+    if OP != 2:
+        ok = (tl.abs(probe) < float("inf")) & mask
+        tl.atomic_add(finite, tl.sum(ok.to(tl.int64), axis=0))
+    if DIVIDE:
+        state = tl.math.div_rn(state, tl.zeros([BLOCK], dtype=tl.float32) + divisor)
+    tl.store(out + offs, state, mask=mask)

@@ -1,0 +1,171 @@
+"""The Triton multi-tensor folds (the GPU path), run in Triton's interpreter on CPU tensors.
+
+Bit for bit against the torch group kernels (which the numba kernels also equal), through
+``_gpu.fold``, ``_fused.fold_many`` (one group and groups of ``GROUP``) and the engine's handing of runs
+of tensors. On a machine with CUDA these are skipped: tests/test_cuda.py runs the compiled kernels there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import SHAPES, assert_state_dicts_bitwise_equal, make_finetuned, make_state_dict
+
+import magmax
+from magmax.engine import DictReader, DictWriter, MergeRun
+from magmax.errors import MergeInputError
+from magmax.merging import _fused, _gpu, create_method
+from magmax.merging.base import TaskSlices
+from magmax.merging.magmax import magmax_kernel
+from magmax.merging.random import random_kernel
+from magmax.merging.task_arithmetic import sum_kernel
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled kernels are tested on the GPU")
+
+KERNELS = {"magmax": magmax_kernel, "sum": sum_kernel, "random": random_kernel}
+NUMELS = [0, 1, _gpu.BLOCK - 1, _gpu.BLOCK + 1, 2 * _gpu.BLOCK + 7]  # segments ending mid-block, empty ones
+
+
+@pytest.fixture(autouse=True)
+def interpreted(monkeypatch):
+    monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_gpu, "_disabled_after_error", False)
+
+
+def segment_inputs(count, dtype, seed=0, quantum=None):
+    gen = torch.Generator().manual_seed(seed)
+    bases = [torch.randn(n, generator=gen).to(dtype) for n in NUMELS]
+    rows = []
+    for _ in range(count):
+        if quantum is None:  # planted equal magnitudes, zeros and sign flips when quantised
+            deltas = [torch.randn(n, generator=gen) * 0.1 for n in NUMELS]
+        else:
+            deltas = [torch.randint(-3, 4, (n,), generator=gen).float() * quantum for n in NUMELS]
+        rows.append([(b.float() + d).to(dtype) for b, d in zip(bases, deltas)])
+    return bases, rows
+
+
+def random_params(keys, first, count, total, seed=5):
+    method = create_method("random", seed=seed)
+    return torch.stack([method._params(key)(first, count, total) for key in keys], dim=1)
+
+
+def torch_fold(op, bases, rows, s, key=None, seed=5):
+    params = create_method("random", seed=seed)._params(key) if op == "random" else None
+    return _fused.fold_operands(KERNELS[op], lambda t: (rows[t][s], bases[s]), len(rows), params)
+
+
+def assert_bits(got, want, what):
+    assert got.shape == want.shape, what
+    assert torch.equal(got.view(torch.int32), want.reshape(got.shape).view(torch.int32)), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["magmax", "sum", "random"])
+def test_one_launch_equals_the_torch_kernels(op, dtype):
+    bases, rows = segment_inputs(6, dtype, quantum=0.125)
+    keys = [f"k{s}" for s in range(len(NUMELS))]
+    states = [torch.empty(n) for n in NUMELS]
+    params = random_params(keys, 0, 6, 6) if op == "random" else None
+    _gpu.fold(op, states, bases, rows, True, params=params)
+    for s, key in enumerate(keys):
+        assert_bits(states[s], torch_fold(op, bases, rows, s, key), f"{op} {dtype} segment {s}")
+
+
+@pytest.mark.parametrize("op", ["magmax", "sum", "random"])
+def test_groups_carry_the_state_and_the_mean_divides_at_the_end(op):
+    """Three launches (first, middle, last) equal one fold; averaging divides the sum by T, correctly rounded."""
+    bases, rows = segment_inputs(7, torch.float32, seed=1)
+    keys = [f"k{s}" for s in range(len(NUMELS))]
+    states = [torch.empty(n) for n in NUMELS]
+    for start, stop in [(0, 3), (3, 4), (4, 7)]:
+        params = random_params(keys, start, stop - start, 7) if op == "random" else None
+        divisor = 7 if op == "sum" and stop == 7 else None
+        _gpu.fold(op, states, bases, rows[start:stop], start == 0, divisor, params)
+    for s, key in enumerate(keys):
+        want = torch_fold(op, bases, rows, s, key)
+        if op == "sum":
+            want = want / torch.tensor(7.0)
+        assert_bits(states[s], want, f"{op} segment {s}")
+
+
+def test_magmax_ties_go_to_the_later_task():
+    """|+0.5| = |−0.5| and +0.0 / −0.0: the reference fold where(|cur| >= |best|, cur, best) keeps the later."""
+    x = [torch.tensor([0.5, 0.0, -0.25, 1.0]), torch.tensor([-0.5, -0.0, 0.25, -1.0]), torch.tensor([0.5, 0.0, 0.1, 2.0])]
+    states = [torch.empty(4)]
+    _gpu.fold("magmax", states, None, [[t] for t in x], True)
+    best = x[0]
+    for cur in x[1:]:
+        best = torch.where(cur.abs() >= best.abs(), cur, best)
+    assert_bits(states[0], best, "ties")
+
+
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
+def test_merge_tensors_equals_merge_tensor(method, resident):
+    """All T in one launch (inputs in memory) or groups of GROUP (T = 11: 8 + 3), as the per-tensor merge."""
+    base = make_state_dict(0, SHAPES)
+    fts = make_finetuned(base, 11, seed=2, quantum=0.125)
+    keys = [k for k, v in base.items() if v.dtype.is_floating_point]
+    m = create_method(method, seed=3) if method == "random" else create_method(method)
+
+    def slices(key):
+        return TaskSlices(key, len(fts), lambda t: fts[t][key].float() - base[key].float(), base=base[key],
+                          finetuned=lambda t: fts[t][key], resident=resident)
+
+    got = m.merge_tensors(keys, [slices(k) for k in keys])
+    assert _gpu.enabled(), "the Triton path failed and was turned off"
+    for key, value in zip(keys, got):
+        assert_bits(value, m.merge_tensor(key, slices(key)), f"{method} {key}")
+
+
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
+def test_engine_hands_runs_of_tensors_to_the_gpu_folds(method, monkeypatch):
+    """Bucketed (as on a GPU), the merge equals the per-tensor CPU merge and the NaN/Inf check rides in
+    the folds' own read (no separate pass), except for random, whose fold has no finite count."""
+    calls = []
+    real_check = magmax.engine.check_finite
+    monkeypatch.setattr(magmax.engine, "check_finite", lambda *a: calls.append(a[0]) or real_check(*a))
+    base = make_state_dict(0, SHAPES)
+    base["half"] = torch.randn(5, 3).to(torch.bfloat16)
+    fts = make_finetuned(base, 3, seed=1)
+    options = {"seed": 2} if method == "random" else {}
+    want = magmax.merge(method, base, fts, **options)
+    calls.clear()
+    writer = DictWriter()
+    run = MergeRun(create_method(method, **options), DictReader(base), [DictReader(f) for f in fts], bucketed=True)
+    run.run(writer)
+    assert any(len(unit.keys) > 1 for unit in run.plan)
+    assert_state_dicts_bitwise_equal(writer.state, want)
+    assert _gpu.enabled()
+    assert (calls == []) == (method != "random"), calls
+
+
+@pytest.mark.parametrize("where", [("fts", 2, "big"), ("fts", 0, "layer.bias"), ("base", None, "conv.weight")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_found_in_passing_is_named(where, bad):
+    source, index, key = where
+    base = make_state_dict(0, SHAPES)
+    fts = make_finetuned(base, 3, seed=1)
+    target = base if source == "base" else fts[index]
+    target[key].view(-1)[min(3, target[key].numel() - 1)] = bad
+    run = MergeRun(create_method("magmax"), DictReader(base), [DictReader(f) for f in fts], bucketed=True)
+    with pytest.raises(MergeInputError, match=f"'{key}'"):
+        run.run(DictWriter())
+
+
+def test_a_failing_kernel_falls_back_to_the_torch_kernels(monkeypatch, caplog):
+    base = make_state_dict(0, SHAPES)
+    fts = make_finetuned(base, 3, seed=1)
+    want = magmax.merge("magmax", base, fts)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no GPU compiler here")
+
+    monkeypatch.setattr(_gpu, "fold", broken)
+    writer = DictWriter()
+    MergeRun(create_method("magmax"), DictReader(base), [DictReader(f) for f in fts], bucketed=True).run(writer)
+    assert_state_dicts_bitwise_equal(writer.state, want)
+    assert not _gpu.enabled()
+    assert "Triton merge kernel failed" in caplog.text
