@@ -12,11 +12,13 @@ Measured in the same run, on the same task vectors:
   (T + 1)·P·4 bytes moved at the copy bandwidth measured here (``dst.copy_(src)`` of P floats).
 * **naive**: the reference fold written the plain way — a Python loop over keys and tasks of
   ``best = torch.where(cur.abs() >= best.abs(), cur, best)``.
-* **default** / **torch eager** / **compiled**: ``method.merge_tensor`` over the task vectors (with the
-  method's statistics passes, as the engine runs them). *default* is what a merge runs without
-  settings: the numba kernels of ``magmax.merging._native`` on CPU (where numba imports), the torch
-  group kernels eagerly elsewhere. *torch eager* forces the torch group kernels in cache-sized chunks
-  (``MAGMAX_NATIVE=0``; measured on CPU for the fused methods only), *compiled* forces them under
+* **default** / **torch eager** / **compiled**: τ* of every tensor from the task vectors (with the
+  method's statistics passes, as the engine runs them; ``merge_tensors`` for methods that merge many
+  tensors at once, else ``merge_tensor`` per tensor). *default* is what a merge runs without
+  settings: the numba kernels of ``magmax.merging._native`` on CPU (where numba imports), the Triton
+  multi-tensor kernels of ``magmax.merging._gpu`` on a GPU (one launch for all tensors), the torch
+  group kernels eagerly otherwise. *torch eager* forces the torch group kernels (``MAGMAX_NATIVE=0
+  MAGMAX_TRITON=0``; in cache-sized chunks on CPU; fused methods only), *compiled* forces them under
   ``torch.compile`` (compile time reported apart).
 * **merge()**: ``magmax.merge(method, θ0, [θ_1..θ_T])`` end to end (reading checkpoints in memory,
   NaN/Inf checks, θ0 + λ·τ*) on the default path; its floor is (T + 2)·P·4 bytes (θ0 is read too), so
@@ -41,14 +43,15 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 import magmax
-from magmax.merging import _fused, _native
+from magmax.merging import _fused, _gpu, _native
 from magmax.merging.base import MergeMethod, TaskSlices, merge_all
 
 FUSED = ("magmax", "average", "task_arithmetic", "random")
@@ -314,7 +317,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile column")
     p.add_argument("--e2e-compiled", action="store_true", help="also time merge() with torch.compile'd kernels")
-    p.add_argument("--no-torch-eager", action="store_true", help="skip the torch eager column (CPU, native kernels on)")
+    p.add_argument("--no-torch-eager", action="store_true", help="skip the torch eager column (fused methods, with numba or Triton kernels on)")
     p.add_argument("--compiled", action="store_true", help="measure the torch.compile column even with --quick")
     p.add_argument("--no-e2e", action="store_true", help="skip the magmax.merge() column")
     return p.parse_args(argv)
@@ -387,22 +390,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             last_eager[name] = (count, row.eager_s)
             if calls < args.repeats:
                 notes.append(f"default {calls} call(s)")
-            native = _native.enabled()
-            if name in FUSED and native and device.type == "cpu" and not args.no_torch_eager:
-                os.environ["MAGMAX_NATIVE"] = "0"
-                row.torch_eager_s, _, _ = measure(run, args.repeats, device, args.budget_s)
-                os.environ["MAGMAX_NATIVE"] = "1"
+            own_kernels = _native.enabled() if device.type == "cpu" else _gpu.enabled()
+            if name in FUSED and own_kernels and not args.no_torch_eager:
+                with torch_kernels():
+                    row.torch_eager_s, _, _ = measure(run, args.repeats, device, args.budget_s)
             if name in FUSED and not args.no_compiled:
-                os.environ["MAGMAX_NATIVE"] = "0"
-                _fused.set_compile_mode("always")
-                began = time.perf_counter()
-                run()
-                warm = time.perf_counter() - began
-                row.compiled_s, _, calls = measure(run, args.repeats, device, args.budget_s)
-                row.compile_s = max(warm - row.compiled_s, 0.0)
-                if _fused._compile_failed:
-                    notes.append("torch.compile failed: the compiled column ran eagerly")
-                os.environ["MAGMAX_NATIVE"] = "1" if native else "0"
+                with torch_kernels():
+                    _fused.set_compile_mode("always")
+                    began = time.perf_counter()
+                    run()
+                    warm = time.perf_counter() - began
+                    row.compiled_s, _, calls = measure(run, args.repeats, device, args.budget_s)
+                    row.compile_s = max(warm - row.compiled_s, 0.0)
+                    if _fused._compile_failed:
+                        notes.append("torch.compile failed: the compiled column ran eagerly")
             if not args.no_e2e:
                 _fused.set_compile_mode("never")
                 finetuned = inputs.finetuned(count)
@@ -411,18 +412,32 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if row.e2e_s is None:
                     notes.append(f"merge() stopped after {args.budget_s:.0f} s")
                 if args.e2e_compiled and name in FUSED:
-                    os.environ["MAGMAX_NATIVE"] = "0"
-                    _fused.set_compile_mode("always")
-                    merge()  # compiles
-                    row.e2e_compiled_s, _, _ = measure(merge, args.repeats, device, args.budget_s)
-                    os.environ["MAGMAX_NATIVE"] = "1" if native else "0"
-                    _fused.set_compile_mode("never")
+                    with torch_kernels():
+                        _fused.set_compile_mode("always")
+                        merge()  # compiles
+                        row.e2e_compiled_s, _, _ = measure(merge, args.repeats, device, args.budget_s)
+                        _fused.set_compile_mode("never")
             row.note = "; ".join(notes)
             rows.append(row)
             print(f"  done {name} T={count}", file=sys.stderr, flush=True)
     print()
     print_table(rows)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+
+
+@contextmanager
+def torch_kernels() -> Iterator[None]:
+    """The torch group kernels forced: neither the numba (CPU) nor the Triton (GPU) kernels."""
+    saved = {name: os.environ.get(name) for name in ("MAGMAX_NATIVE", "MAGMAX_TRITON")}
+    os.environ.update(MAGMAX_NATIVE="0", MAGMAX_TRITON="0")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def shapes_max(shapes: Mapping[str, tuple[int, ...]]) -> int:

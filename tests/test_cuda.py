@@ -12,7 +12,8 @@ from helpers import (
 )
 
 import magmax
-from magmax.merging import _fused
+from magmax.errors import MergeInputError
+from magmax.merging import _fused, _gpu
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -26,14 +27,31 @@ def models():
     return base, make_finetuned(base, 11, seed=1)  # 11 > GROUP: two groups per fold
 
 
-@pytest.mark.parametrize("mode", ["never", "always"])
+@pytest.mark.parametrize("kernels", ["triton", "torch eager", "torch compiled"])
 @pytest.mark.parametrize("method", EXACT)
-def test_cuda_merge_is_bit_exact_with_cpu(models, method, mode):
-    """Same IEEE operations in the same order on both devices, eager or compiled (random: same hash)."""
+def test_cuda_merge_is_bit_exact_with_cpu(models, method, kernels, monkeypatch):
+    """Same IEEE operations in the same order on both devices: the Triton multi-tensor folds, or the torch
+    group kernels eager or compiled (random: same hash)."""
     base, fts = models
     want = magmax.merge(method, base, fts)
-    _fused.set_compile_mode(mode)
+    monkeypatch.setenv("MAGMAX_TRITON", "1" if kernels == "triton" else "0")
+    _fused.set_compile_mode("always" if kernels == "torch compiled" else "never")
     assert_state_dicts_bitwise_equal(magmax.merge(method, base, fts, device="cuda"), want)
+    if kernels == "triton":
+        assert _gpu.enabled(), "a Triton kernel failed and was turned off (see the log)"
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_cuda_merge_of_models_on_the_gpu(models, method):
+    """Inputs already on the device: every task in one launch per run of tensors; NaN/Inf still named."""
+    base, fts = models
+    want = magmax.merge(method, base, fts)
+    on_gpu = [{k: v.cuda() for k, v in sd.items()} for sd in [base, *fts]]
+    assert_state_dicts_bitwise_equal(magmax.merge(method, on_gpu[0], on_gpu[1:], device="cuda"), want)
+    assert _gpu.enabled()
+    on_gpu[3]["big"][7] = float("nan")
+    with pytest.raises(MergeInputError, match="'big'"):
+        magmax.merge(method, on_gpu[0], on_gpu[1:], device="cuda")
 
 
 @pytest.mark.parametrize("method", CLOSE)

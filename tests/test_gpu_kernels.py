@@ -48,7 +48,15 @@ def segment_inputs(count, dtype, seed=0, quantum=None):
 
 def random_params(keys, first, count, total, seed=5):
     method = create_method("random", seed=seed)
-    return torch.stack([method._params(key)(first, count, total) for key in keys], dim=1)
+    return torch.stack([method._params(key)(first, count, total) for key in keys], dim=1).numpy()
+
+
+def flat_states(numels):
+    """The layout of segments of these lengths, a flat state buffer (NaN-filled: every entry must be
+    written) and its per-segment views."""
+    segments = _gpu.layout(numels, torch.device("cpu"))
+    state = torch.full((segments.total,), float("nan"))
+    return segments, state, segments.views(state)
 
 
 def torch_fold(op, bases, rows, s, key=None, seed=5):
@@ -66,9 +74,11 @@ def assert_bits(got, want, what):
 def test_one_launch_equals_the_torch_kernels(op, dtype):
     bases, rows = segment_inputs(6, dtype, quantum=0.125)
     keys = [f"k{s}" for s in range(len(NUMELS))]
-    states = [torch.empty(n) for n in NUMELS]
+    segments, state, states = flat_states(NUMELS)
     params = random_params(keys, 0, 6, 6) if op == "random" else None
-    _gpu.fold(op, states, bases, rows, True, params=params)
+    finite = torch.zeros(1, dtype=torch.int64)
+    _gpu.fold(op, segments, state, bases, rows, True, finite, params=params)
+    assert finite.item() == (sum(NUMELS) if op != "random" else 0)
     for s, key in enumerate(keys):
         assert_bits(states[s], torch_fold(op, bases, rows, s, key), f"{op} {dtype} segment {s}")
 
@@ -78,11 +88,12 @@ def test_groups_carry_the_state_and_the_mean_divides_at_the_end(op):
     """Three launches (first, middle, last) equal one fold; averaging divides the sum by T, correctly rounded."""
     bases, rows = segment_inputs(7, torch.float32, seed=1)
     keys = [f"k{s}" for s in range(len(NUMELS))]
-    states = [torch.empty(n) for n in NUMELS]
+    segments, state, states = flat_states(NUMELS)
     for start, stop in [(0, 3), (3, 4), (4, 7)]:
         params = random_params(keys, start, stop - start, 7) if op == "random" else None
         divisor = 7 if op == "sum" and stop == 7 else None
-        _gpu.fold(op, states, bases, rows[start:stop], start == 0, divisor, params)
+        _gpu.fold(op, segments, state, bases, rows[start:stop], start == 0, torch.zeros(1, dtype=torch.int64),
+                  divisor, params)
     for s, key in enumerate(keys):
         want = torch_fold(op, bases, rows, s, key)
         if op == "sum":
@@ -93,18 +104,33 @@ def test_groups_carry_the_state_and_the_mean_divides_at_the_end(op):
 def test_magmax_ties_go_to_the_later_task():
     """|+0.5| = |−0.5| and +0.0 / −0.0: the reference fold where(|cur| >= |best|, cur, best) keeps the later."""
     x = [torch.tensor([0.5, 0.0, -0.25, 1.0]), torch.tensor([-0.5, -0.0, 0.25, -1.0]), torch.tensor([0.5, 0.0, 0.1, 2.0])]
-    states = [torch.empty(4)]
-    _gpu.fold("magmax", states, None, [[t] for t in x], True)
+    segments, state, states = flat_states([4])
+    _gpu.fold("magmax", segments, state, None, [[t] for t in x], True, torch.zeros(1, dtype=torch.int64))
     best = x[0]
     for cur in x[1:]:
         best = torch.where(cur.abs() >= best.abs(), cur, best)
     assert_bits(states[0], best, "ties")
 
 
+def test_the_finite_count_sees_nan_and_inf_in_any_input():
+    bases, rows = segment_inputs(3, torch.float32)
+    rows[2][3][5] = float("nan")
+    rows[1][4][0] = float("-inf")
+    bases[2][1] = float("inf")
+    for op in ("magmax", "sum"):
+        segments, state, _ = flat_states(NUMELS)
+        finite = torch.zeros(1, dtype=torch.int64)
+        _gpu.fold(op, segments, state, bases, rows, True, finite)
+        assert finite.item() == sum(NUMELS) - 3, op
+
+
+@pytest.mark.parametrize("chunk_numel", [1 << 24, 40])
 @pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
-def test_merge_tensors_equals_merge_tensor(method, resident):
-    """All T in one launch (inputs in memory) or groups of GROUP (T = 11: 8 + 3), as the per-tensor merge."""
+def test_merge_tensors_equals_merge_tensor(method, resident, chunk_numel, monkeypatch):
+    """All T in one launch (inputs in memory) or groups of GROUP (T = 11: 8 + 3), one launch for all
+    tensors or chunks of them, as the per-tensor merge."""
+    monkeypatch.setattr(_gpu, "CHUNK_NUMEL", chunk_numel)
     base = make_state_dict(0, SHAPES)
     fts = make_finetuned(base, 11, seed=2, quantum=0.125)
     keys = [k for k, v in base.items() if v.dtype.is_floating_point]
@@ -114,8 +140,12 @@ def test_merge_tensors_equals_merge_tensor(method, resident):
         return TaskSlices(key, len(fts), lambda t: fts[t][key].float() - base[key].float(), base=base[key],
                           finetuned=lambda t: fts[t][key], resident=resident)
 
+    launches = []
+    real_fold = _gpu.fold
+    monkeypatch.setattr(_gpu, "fold", lambda *a, **kw: launches.append(a[1]) or real_fold(*a, **kw))
     got = m.merge_tensors(keys, [slices(k) for k in keys])
     assert _gpu.enabled(), "the Triton path failed and was turned off"
+    assert len(launches) == (1 if resident else 2) * (1 if chunk_numel > 1000 else 2)
     for key, value in zip(keys, got):
         assert_bits(value, m.merge_tensor(key, slices(key)), f"{method} {key}")
 

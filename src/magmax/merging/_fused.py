@@ -165,45 +165,95 @@ def fold_many(
     params: Sequence[ParamsFn] | None = None,
     divide: bool = False,
 ) -> list[Tensor] | None:
-    """The folds of several tensors (``slices[s]``: tensor s's T slices) in one launch per group of inputs
-    for all of them, on a GPU (:mod:`magmax.merging._gpu`); ``divide``: each result divided by T (the
-    mean). None when that path cannot take them (no triton, not on a GPU, other dtypes): the caller folds
-    tensor by tensor. Inputs already in memory go in one group; else groups of :data:`GROUP`."""
+    """The folds of several tensors (``slices[s]``: tensor s's T slices) on a GPU, one launch per group of
+    inputs and chunk of tensors (:mod:`magmax.merging._gpu`); ``divide``: each result divided by T (the
+    mean). Results may share storage. None when that path cannot take them (no triton, not on a GPU,
+    other dtypes): the caller folds tensor by tensor. Inputs already in memory go in one group; else
+    groups of :data:`GROUP`. Reports to ``_native.finite_watch`` whether every τ sum was finite."""
     op = getattr(kernel, "gpu", None)
     if op is None or not slices or not _gpu.possible():
         return None
     count = len(slices[0])
     if count < 1 or any(len(s) != count for s in slices):
         return None
-    operands = [_operands_of(s) for s in slices]
-    size = count if all(getattr(s, "resident", False) for s in slices) else GROUP
-    states: list[Tensor] | None = None
+    try:
+        return _fold_many(op, [_operands_of(s) for s in slices], count, params, divide,
+                          count if all(getattr(s, "resident", False) for s in slices) else GROUP)
+    except Exception as exc:  # the Triton kernels are an optimisation: the torch kernels give the same
+        _gpu.disable(exc)
+        return None
+
+
+@dataclass
+class _Chunk:
+    """Consecutive tensors begin..end−1 merged by one launch per group, into one state buffer."""
+
+    begin: int
+    end: int
+    segments: _gpu.Layout
+    state: Tensor
+
+
+def _fold_many(
+    op: str,
+    operands: list[Callable[[int], tuple[Tensor, Tensor | None]]],
+    count: int,
+    params: Sequence[ParamsFn] | None,
+    divide: bool,
+    size: int,
+) -> list[Tensor] | None:
+    groups = [(start, min(start + size, count)) for start in range(0, count, size)]
+    chunks: dict[int, _Chunk] = {}  # by end; decided while the first group is read, kept for the others
     shapes: list[torch.Size] = []
-    for start in range(0, count, size):
-        stop = min(start + size, count)
-        pairs = [[operand(t) for operand in operands] for t in range(start, stop)]
-        bases = [base for _, base in pairs[0]]
-        has_base = all(b is not None for b in bases)
-        if not has_base and any(b is not None for b in bases):
-            return None
-        xs = [[x.reshape(-1) for x, _ in row] for row in pairs]
-        flat_bases = [b.reshape(-1) for b in bases] if has_base else None  # type: ignore[union-attr]
-        if states is None:
-            if not _gpu.accepts([x for row in xs for x in row] + (flat_bases or [])):
+    finite: Tensor | None = None
+    has_base: bool | None = None
+    for g, (start, stop) in enumerate(groups):
+        rows: list[list[Tensor]] = [[] for _ in range(start, stop)]
+        bases: list[Tensor] = []
+        begin = 0
+        chunk_numel = 0
+        for s, operand in enumerate(operands):
+            pairs = [operand(t) for t in range(start, stop)]
+            base = pairs[0][1]
+            if has_base is None:
+                has_base = base is not None
+                if not _gpu.accepts([pairs[0][0]] + ([base] if base is not None else [])):
+                    return None
+                finite = torch.zeros(len(groups), dtype=torch.int64, device=pairs[0][0].device)
+            if (base is not None) != has_base:
                 return None
-            shapes = [x.shape for x, _ in pairs[0]]
-            states = [torch.empty(x.numel(), dtype=_F32, device=x.device) for x in xs[0]]
-        rows = None
-        if params is not None:
-            rows = torch.stack([fn(start, stop - start, count) for fn in params], dim=1)
-        try:
-            _gpu.fold(op, states, flat_bases, xs, start == 0, count if divide and stop == count else None, rows)
-        except Exception as exc:  # the Triton kernels are an optimisation: the torch kernels give the same
-            _gpu.disable(exc)
-            return None
-        del pairs, xs, flat_bases, bases
-    assert states is not None
-    return [state.view(shape) for state, shape in zip(states, shapes)]
+            if base is not None:
+                bases.append(base)
+            for row, (x, _) in zip(rows, pairs):
+                row.append(x)
+            del pairs, base
+            if g == 0:
+                shapes.append(rows[0][-1].shape)
+                chunk_numel += rows[0][-1].numel()
+                if chunk_numel >= _gpu.CHUNK_NUMEL or s + 1 == len(operands):
+                    segments = _gpu.layout([x.numel() for x in rows[0]], rows[0][0].device)
+                    state = torch.empty(segments.total, dtype=_F32, device=segments.device)
+                    chunks[s + 1] = _Chunk(begin, s + 1, segments, state)
+            chunk = chunks.get(s + 1)
+            if chunk is None:
+                continue
+            assert finite is not None
+            rows_params = None
+            if params is not None:
+                rows_params = torch.stack([fn(start, stop - start, count) for fn in params[chunk.begin : chunk.end]],
+                                          dim=1).numpy()
+            _gpu.fold(op, chunk.segments, chunk.state, bases if has_base else None, rows, start == 0,
+                      finite[g : g + 1], count if divide and stop == count else None, rows_params)
+            rows = [[] for _ in range(start, stop)]
+            bases = []
+            begin = s + 1
+            chunk_numel = 0
+    if finite is not None and _gpu.counts_finite(op):
+        total = sum(c.segments.total for c in chunks.values())
+        for (start, stop), found in zip(groups, finite.tolist()):  # the one wait for the GPU
+            _native._report(found, total, stop - start, bool(has_base))
+    views = [view for c in chunks.values() for view in c.segments.views(c.state)]
+    return [view.view(shape) for view, shape in zip(views, shapes)]
 
 
 def _operands_of(slices: Sequence[Tensor]) -> Callable[[int], tuple[Tensor, Tensor | None]]:

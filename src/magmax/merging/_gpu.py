@@ -24,12 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from magmax.merging import _native
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1024
 """Entries per program: 8 float32 per thread of 4 warps, two 16-byte loads per input."""
+
+CHUNK_NUMEL = 1 << 24
+"""Entries per launch (tensors are grouped until they reach it): while the GPU merges one chunk, the host
+prepares the next (looking up every input's address costs about as long as the GPU's work)."""
 
 OPS = ("magmax", "sum", "random")
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,6 +87,12 @@ def disable(exc: Exception) -> None:
                 type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
 
+def _triton_dtype(dtype: torch.dtype) -> object:
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
 def _kernels() -> ModuleType:
     """The kernel module. Triton reads TRITON_INTERPRET when it decorates a kernel and again while it
     launches one, so interpreting is set for the whole process, before the first import."""
@@ -97,66 +106,101 @@ def _kernels() -> ModuleType:
     return _module
 
 
-def _triton_dtype(dtype: torch.dtype) -> object:
-    import triton.language as tl
+class Layout:
+    """Where each segment (tensor) lies in one flat float32 state buffer, and which segment and entries
+    each program takes (⌈n_s / BLOCK⌉ programs per segment s, in order): built once per set of shapes
+    and device, and kept on the device."""
 
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    def __init__(self, numels: tuple[int, ...], device: torch.device):
+        self.numels = numels
+        self.device = device
+        sizes = np.array(numels, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.total = int(sizes.sum())
+        counts = -(-sizes // BLOCK)
+        self.blocks = int(counts.sum())
+        segment = np.repeat(np.arange(len(numels), dtype=np.int32), counts)
+        firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        start = (np.arange(self.blocks, dtype=np.int64) - np.repeat(firsts, counts)) * BLOCK
+        self.block_segment = torch.from_numpy(segment).to(device)
+        self.block_start = torch.from_numpy(start).to(device)
+        self.segment_numel = torch.from_numpy(sizes).to(device)
+        self.segment_offset = torch.from_numpy(self.offsets).to(device)
+
+    def views(self, state: Tensor) -> list[Tensor]:
+        """Each segment's part of a flat state buffer."""
+        return [state[o : o + n] for o, n in zip(self.offsets.tolist(), self.numels)]
 
 
-def _block_tables(numels: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(segment, first entry) of every program: ⌈n_s / BLOCK⌉ programs per segment s, in order."""
-    counts = np.array([-(-n // BLOCK) for n in numels], dtype=np.int64)
-    segment = np.repeat(np.arange(len(numels), dtype=np.int32), counts)
-    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    start = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(firsts, counts)) * BLOCK
-    return torch.from_numpy(segment).to(device), torch.from_numpy(start).to(device)
+_layouts: dict[tuple[tuple[int, ...], torch.device], Layout] = {}
 
 
-def _addresses(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+def layout(numels: Sequence[int], device: torch.device) -> Layout:
+    key = (tuple(numels), device)
+    if key not in _layouts:
+        if len(_layouts) > 64:  # a few shapes per process in practice; never unbounded
+            _layouts.clear()
+        _layouts[key] = Layout(key[0], device)
+    return _layouts[key]
+
+
+def _pointers(tensors: Sequence[Tensor], numels: Sequence[int], dtype: torch.dtype, device: torch.device) -> list[int]:
+    """Data addresses, checking what the kernel relies on: dtype, device, contiguity, length."""
+    index = device.index if device.type == "cuda" else -1
+    pointers = []
+    for x, n in zip(tensors, numels):
+        if x.dtype is not dtype or x.get_device() != index or not x.is_contiguous() or x.numel() != n:
+            raise ValueError("GPU fold inputs must share one dtype and device, be contiguous and as long as "
+                             "their segment")
+        pointers.append(x.data_ptr())
+    return pointers
 
 
 def fold(
     op: str,
-    states: Sequence[Tensor],
+    segments: Layout,
+    state: Tensor,
     bases: Sequence[Tensor] | None,
     inputs: Sequence[Sequence[Tensor]],
     first: bool,
+    finite: Tensor,
     divisor: int | None = None,
-    params: Tensor | None = None,
+    params: np.ndarray | None = None,
 ) -> None:
-    """One group of ``op``'s fold for every segment s at once, in one launch.
+    """One group of ``op``'s fold for every segment s at once, in one launch (asynchronous on a GPU).
 
-    ``states[s]``: flat float32 state of segment s (written; read too unless ``first``); ``bases[s]``: its
-    θ0 (None: the inputs are task vectors); ``inputs[j][s]``: input j of the group for segment s, flat;
-    ``divisor``: divide the states by it at the end (averaging's last group); ``params``: random's int64
-    (k_j, thr_j) rows, shape [G, S, 2]. MagMax and Σ report to :func:`magmax.merging._native.finite_watch`
-    whether every entry's τ sum was finite."""
+    ``state``: the flat float32 buffer of all segments' states (``segments.views``; written, and read too
+    unless ``first``); ``bases[s]``: θ0 of segment s (None: the inputs are task vectors); ``inputs[j][s]``:
+    input j of the group for segment s (contiguous, any shape); ``finite``: an int64[1] on the device to
+    which MagMax and Σ add the number of entries whose τ sum is finite; ``divisor``: divide the states by
+    it at the end (averaging's last group); ``params``: random's int64 (k_j, thr_j), shape [G, S, 2]."""
     k = _kernels()
     op_code = {"magmax": k.OP_MAGMAX, "sum": k.OP_SUM, "random": k.OP_RANDOM}[op]
-    device = states[0].device
-    numels = [s.shape[0] for s in states]
-    segments, group = len(states), len(inputs)
-    if group == 0 or any(len(row) != segments for row in inputs):
+    count, group = len(segments.numels), len(inputs)
+    if group == 0 or any(len(row) != count for row in inputs):
         raise ValueError("a GPU fold needs one input per segment in every row of the group")
-    for row in inputs:
-        for x, n in zip(row, numels):
-            if not x.is_contiguous() or x.numel() != n:
-                raise ValueError("GPU fold inputs must be contiguous and as long as their state")
-    block_segment, block_start = _block_tables(numels, device)
-    if block_segment.shape[0] == 0:  # only empty tensors
+    if segments.blocks == 0:  # only empty tensors
         return
-    out_addr = _addresses(states, device)
-    base_addr = _addresses(bases, device) if bases is not None else torch.zeros(segments, dtype=torch.int64, device=device)
-    x_addr = _addresses([x for row in inputs for x in row], device)
-    rows = (params.reshape(-1).to(device=device, dtype=torch.int64) if params is not None
-            else torch.zeros(2, dtype=torch.int64, device=device))
-    finite = torch.zeros(1, dtype=torch.int64, device=device)
-    k.fold_segments[(block_segment.shape[0],)](
-        block_segment, block_start, torch.tensor(numels, dtype=torch.int64).to(device), out_addr, base_addr, x_addr,
-        rows, finite, segments, group, float(divisor or 1),
+    dtype = inputs[0][0].dtype
+    # One table, one copy to the device: θ0's addresses, then the inputs', then random's parameters. From
+    # pinned memory, so that the copy does not wait for the kernels before it (a pageable copy would).
+    size = count + group * count + (2 * group * count if params is not None else 0)
+    host = torch.empty(size, dtype=torch.int64, pin_memory=segments.device.type == "cuda")
+    table = host.numpy()
+    table[:count] = _pointers(bases, segments.numels, dtype, segments.device) if bases is not None else 0
+    table[count : count + group * count] = [
+        p for row in inputs for p in _pointers(row, segments.numels, dtype, segments.device)
+    ]
+    if params is not None:
+        table[count + group * count :] = params.reshape(-1)
+    k.fold_segments[(segments.blocks,)](
+        segments.block_segment, segments.block_start, segments.segment_numel, segments.segment_offset, state,
+        host.to(segments.device, non_blocking=True), finite, count, group, float(divisor or 1),
         FIRST=first, DIVIDE=divisor is not None, OP=op_code, HAS_BASE=bases is not None,
-        DTYPE=_triton_dtype(inputs[0][0].dtype), BLOCK=BLOCK, num_warps=4,
+        DTYPE=_triton_dtype(dtype), BLOCK=BLOCK, num_warps=4,
     )
-    if op != "random":
-        _native._report(int(finite.item()), sum(numels), group, bases is not None)
+
+
+def counts_finite(op: str) -> bool:
+    """Whether ``op``'s kernel counts the entries whose τ sum is finite."""
+    return op != "random"

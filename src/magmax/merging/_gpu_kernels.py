@@ -36,10 +36,10 @@ def fold_segments(
     block_segment,  # int32[blocks]: the segment of each program
     block_start,  # int64[blocks]: its first entry within the segment
     segment_numel,  # int64[S]
-    out_addr,  # int64[S]: float32 state / result of each segment
-    base_addr,  # int64[S]: θ0 of each segment (unused without HAS_BASE)
-    x_addr,  # int64[G·S]: input j of segment s at j·S + s
-    params,  # int64[G·S·2]: random's (k_j, thr_j) of segment s at (j·S + s)·2
+    segment_offset,  # int64[S]: where the segment's state starts in ``state``
+    state_ptr,  # float32[Σ n_s]: every segment's state / result
+    table,  # int64: θ0's address per segment [S], input j of segment s at S + j·S + s, then random's
+    #         (k_j, thr_j) of segment s at S + G·S + (j·S + s)·2
     finite,  # int64[1]: entries whose τ sum is finite, summed over programs
     S,
     G,
@@ -57,9 +57,11 @@ def fold_segments(
     n = tl.load(segment_numel + s)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
-    out = tl.load(out_addr + s).to(tl.pointer_type(tl.float32))
+    out = state_ptr + tl.load(segment_offset + s)
+    x_addr = table + S
+    params = table + S + G * S
     if HAS_BASE:
-        b = tl.load(tl.load(base_addr + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         b = tl.zeros([BLOCK], dtype=tl.float32)
     if FIRST:
