@@ -199,3 +199,71 @@ def test_a_failing_kernel_falls_back_to_the_torch_kernels(monkeypatch, caplog):
     assert_state_dicts_bitwise_equal(writer.state, want)
     assert not _gpu.enabled()
     assert "Triton merge kernel failed" in caplog.text
+
+
+# -- TIES ---------------------------------------------------------------------------------------------
+
+
+def ties_models(count=5, seed=3, quantum=0.125):
+    """With ``quantum``: ties at κ and zero elected signs (and brackets too full to decide: the exact
+    fallback); without: continuous values, where the brackets decide κ."""
+    base = make_state_dict(0, SHAPES)
+    return base, make_finetuned(base, count, seed=seed, quantum=quantum)
+
+
+def ties_merge_all(base, fts, **options):
+    """merge_all over in-memory slices (the bench's path): all tensors at once where the GPU path takes them."""
+    from magmax.merging.base import merge_all
+
+    keys = [k for k, v in base.items() if v.dtype.is_floating_point]
+    method = create_method("ties", **options)
+
+    def slices(key):
+        return TaskSlices(key, len(fts), lambda t: fts[t][key].float() - base[key].float(), base=base[key],
+                          finetuned=lambda t: fts[t][key], resident=True)
+
+    merged = merge_all(method, keys, slices, len(fts), sum(base[k].numel() for k in keys))
+    return merged, method
+
+
+@pytest.mark.parametrize("quantum", [None, 0.125])
+@pytest.mark.parametrize("options", [{}, {"k": 0.5}, {"k": 0.03}])
+def test_ties_on_the_gpu_path_equals_the_cpu_path(options, quantum, monkeypatch):
+    monkeypatch.setattr("magmax.merging._threshold.SAMPLE", 4096)  # a strided sample, as in large models
+    base, fts = ties_models(quantum=quantum)
+    fallbacks = []
+    real_radix = magmax.merging.ties.global_topk_threshold
+    monkeypatch.setattr("magmax.merging.ties.global_topk_threshold",
+                        lambda *a: fallbacks.append(1) or real_radix(*a))
+    got, gpu_method = ties_merge_all(base, fts, **options)
+    if quantum is None:
+        assert not fallbacks, "the GPU brackets should decide every κ on continuous values"
+    monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "0")  # CPU tensors: the numba kernels
+    want, cpu_method = ties_merge_all(base, fts, **options)
+    assert gpu_method._thresholds == cpu_method._thresholds
+    assert gpu_method._guess == cpu_method._guess
+    assert _gpu.enabled()
+    for key in want:
+        assert_bits(got[key], want[key], key)
+
+
+@pytest.mark.parametrize("wrong", ["guess", "bracket"])
+def test_ties_gpu_path_recovers_from_a_wrong_guess_and_a_missed_bracket(wrong, monkeypatch):
+    """A wrong majority guess re-merges the tensors whose result depended on it; a bracket that misses
+    the k-th magnitude falls back to the exact radix select: the same result either way."""
+    base, fts = ties_models(count=4, seed=7)
+    monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "0")
+    want, cpu_method = ties_merge_all(base, fts)
+    monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "1")
+    from magmax.merging import _gpu_ties
+
+    if wrong == "guess":
+        monkeypatch.setattr(_gpu_ties, "sampled_majority", lambda sample, kappas: -cpu_method._guess)
+    else:
+        monkeypatch.setattr(_gpu_ties, "bracket_ranks", lambda taken, total, position: (0, 1))
+    got, method = ties_merge_all(base, fts)
+    if wrong == "guess":
+        assert method._guess != cpu_method._guess and method._majority == cpu_method._majority
+    assert method._thresholds == cpu_method._thresholds
+    for key in want:
+        assert_bits(got[key], want[key], key)

@@ -156,6 +156,31 @@ def _pointers(tensors: Sequence[Tensor], numels: Sequence[int], dtype: torch.dty
     return pointers
 
 
+def address_table(
+    segments: Layout,
+    bases: Sequence[Tensor] | None,
+    inputs: Sequence[Sequence[Tensor]],
+    params: np.ndarray | None = None,
+) -> Tensor:
+    """The kernels' int64 table on the device: θ0's address per segment (0 without θ0), then input j of
+    segment s at S + j·S + s, then ``params`` ([G, S, 2]) if given. Built in pinned memory and copied
+    once, so that the copy does not wait for the kernels queued before it (a pageable copy would)."""
+    count, group = len(segments.numels), len(inputs)
+    if group == 0 or any(len(row) != count for row in inputs):
+        raise ValueError("a GPU kernel needs one input per segment in every row of the group")
+    dtype = inputs[0][0].dtype
+    size = count + group * count + (2 * group * count if params is not None else 0)
+    host = torch.empty(size, dtype=torch.int64, pin_memory=segments.device.type == "cuda")
+    table = host.numpy()
+    table[:count] = _pointers(bases, segments.numels, dtype, segments.device) if bases is not None else 0
+    table[count : count + group * count] = [
+        p for row in inputs for p in _pointers(row, segments.numels, dtype, segments.device)
+    ]
+    if params is not None:
+        table[count + group * count :] = params.reshape(-1)
+    return host.to(segments.device, non_blocking=True)
+
+
 def fold(
     op: str,
     segments: Layout,
@@ -177,25 +202,13 @@ def fold(
     k = _kernels()
     op_code = {"magmax": k.OP_MAGMAX, "sum": k.OP_SUM, "random": k.OP_RANDOM}[op]
     count, group = len(segments.numels), len(inputs)
-    if group == 0 or any(len(row) != count for row in inputs):
-        raise ValueError("a GPU fold needs one input per segment in every row of the group")
     if segments.blocks == 0:  # only empty tensors
         return
     dtype = inputs[0][0].dtype
-    # One table, one copy to the device: θ0's addresses, then the inputs', then random's parameters. From
-    # pinned memory, so that the copy does not wait for the kernels before it (a pageable copy would).
-    size = count + group * count + (2 * group * count if params is not None else 0)
-    host = torch.empty(size, dtype=torch.int64, pin_memory=segments.device.type == "cuda")
-    table = host.numpy()
-    table[:count] = _pointers(bases, segments.numels, dtype, segments.device) if bases is not None else 0
-    table[count : count + group * count] = [
-        p for row in inputs for p in _pointers(row, segments.numels, dtype, segments.device)
-    ]
-    if params is not None:
-        table[count + group * count :] = params.reshape(-1)
+    table = address_table(segments, bases, inputs, params)
     k.fold_segments[(segments.blocks,)](
         segments.block_segment, segments.block_start, segments.segment_numel, segments.segment_offset, state,
-        host.to(segments.device, non_blocking=True), finite, count, group, float(divisor or 1),
+        table, finite, count, group, float(divisor or 1),
         FIRST=first, DIVIDE=divisor is not None, OP=op_code, HAS_BASE=bases is not None,
         DTYPE=_triton_dtype(dtype), BLOCK=BLOCK, num_warps=4,
     )

@@ -103,3 +103,107 @@ def fold_segments(
     if DIVIDE:
         state = tl.math.div_rn(state, tl.zeros([BLOCK], dtype=tl.float32) + divisor)
     tl.store(out + offs, state, mask=mask)
+
+
+# -- TIES (global thresholds): sample, count and gather, merge -------------------------------------
+# The same three steps as the CPU kernels of magmax.merging._threshold and _native: a strided sample
+# brackets each task's k-th magnitude, one pass counts below the bracket and gathers what lies inside
+# (the k-th is then selected exactly from the gathered values), one pass merges. All T inputs of every
+# segment in one launch per chunk (the inputs are in memory already).
+
+
+@triton.jit
+def ties_sample(
+    block_segment, block_start, segment_numel, segment_offset, table,
+    sample,  # float32[T, cap]: τ_j at the model positions g ≡ 0 (mod stride), at g / stride
+    S, G, chunk_offset, stride, cap,
+    HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    s = tl.load(block_segment + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    g = chunk_offset + tl.load(segment_offset + s) + offs  # position in the whole flattened model
+    pick = (offs < tl.load(segment_numel + s)) & (g % stride == 0)
+    at = g // stride
+    pick = pick & (at < cap)
+    if HAS_BASE:
+        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=pick, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, G):
+        x = tl.load(tl.load(table + S + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=pick, other=0.0)
+        tl.store(sample + j * cap + at, x.to(tl.float32) - b, mask=pick)
+
+
+@triton.jit
+def ties_count(
+    block_segment, block_start, segment_numel, segment_offset, table,
+    low, high,  # float32[T]: each task's bracket
+    below,  # int64[blocks, G]: #{|τ_j| < lo_j} of each program
+    gathered,  # float32[T, cap]: the |τ_j| inside [lo_j, hi_j], in no particular order
+    filled,  # int64[T]: how many were found (may exceed cap: then some were not stored)
+    S, G, cap,
+    HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    s = tl.load(block_segment + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(segment_numel + s)
+    if HAS_BASE:
+        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, G):
+        x = tl.load(tl.load(table + S + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0)
+        a = tl.abs(x.to(tl.float32) - b)
+        lo = tl.load(low + j)
+        hi = tl.load(high + j)
+        tl.store(below + pid * G + j, tl.sum((mask & (a < lo)).to(tl.int64), axis=0))
+        hit = mask & (a >= lo) & (a <= hi)
+        hits = tl.sum(hit.to(tl.int64), axis=0)
+        if hits > 0:
+            first = tl.atomic_add(filled + j, hits)
+            at = first + tl.cumsum(hit.to(tl.int64), axis=0) - 1
+            tl.store(gathered + j * cap + at, a, mask=hit & (at < cap))
+
+
+@triton.jit
+def ties_merge(
+    block_segment, block_start, segment_numel, segment_offset, state_ptr, table,
+    kappas,  # float32[T]: κ_j (−1: keep everything)
+    counts,  # int64[blocks, 2]: each program's elected-sign balance and ambiguous entries
+    S, G, zero_positive,
+    HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # τ* = Σ⁺/max(n⁺, 1) where the elected sign sign(Σ⁺ + Σ⁻) is positive (or 0 and ``zero_positive``),
+    # else Σ⁻/max(n⁻, 1), over the τ_j with |τ_j| >= κ_j (ties at κ kept); the division correctly rounded.
+    pid = tl.program_id(0)
+    s = tl.load(block_segment + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(segment_numel + s)
+    if HAS_BASE:
+        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    ps = tl.zeros([BLOCK], dtype=tl.float32)
+    ns = tl.zeros([BLOCK], dtype=tl.float32)
+    pc = tl.zeros([BLOCK], dtype=tl.float32)
+    nc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, G):
+        x = tl.load(tl.load(table + S + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0)
+        v = x.to(tl.float32) - b
+        kappa = tl.load(kappas + j)
+        trimmed = tl.where(tl.abs(v) >= kappa, v, 0.0)
+        ps = ps + tl.maximum(trimmed, 0.0)
+        ns = ns + tl.minimum(trimmed, 0.0)
+        pc = pc + (trimmed > 0).to(tl.float32)
+        nc = nc + (trimmed < 0).to(tl.float32)
+    total = ps + ns
+    positive = (total > 0) | ((total == 0) & (zero_positive != 0))
+    numerator = tl.where(positive, ps, ns)
+    count = tl.maximum(tl.where(positive, pc, nc), 1.0)
+    tl.store(state_ptr + tl.load(segment_offset + s) + offs, tl.math.div_rn(numerator, count), mask=mask)
+    balance = tl.sum((mask & (total > 0)).to(tl.int64) - (mask & (total < 0)).to(tl.int64), axis=0)
+    ambiguous = tl.sum((mask & (total == 0) & (pc + nc > 0)).to(tl.int64), axis=0)
+    tl.store(counts + pid * 2, balance)
+    tl.store(counts + pid * 2 + 1, ambiguous)

@@ -94,9 +94,30 @@ def _radix(stream: SlicesStream, t: int, k: float) -> float | None:
     return global_topk_threshold(lambda: (slices[t] for _, slices in stream()), k)
 
 
+def sample_stride(total: int, count: int) -> int:
+    """Every how many positions of the model the sample takes τ (about ``SAMPLE`` values per task)."""
+    return max(1, total // min(SAMPLE, SAMPLE_BYTES // (4 * count)))
+
+
+def bracket_ranks(taken: int, total: int, position: int) -> tuple[int, int]:
+    """0-based ranks in the sorted sample of the bracket's ends around the quantile (position − ½)/total:
+    five binomial standard deviations and 32 ranks to each side (P(miss) ≈ 3e-7 per side). An end
+    outside 0..taken−1 means no bound on that side."""
+    quantile = (position - 0.5) / total
+    margin = 5.0 * math.sqrt(max(taken * quantile * (1 - quantile), 1.0)) + 32
+    return math.floor(quantile * taken - margin), math.ceil(quantile * taken + margin)
+
+
+def gather_capacity(lo_index: int, hi_index: int, taken: int, total: int) -> int:
+    """Room per task for the gathered magnitudes: twice the bracket's share of the model (a little more
+    for small models), at most ``GATHER_CAP``."""
+    share = (min(hi_index, taken) - max(lo_index, 0)) / max(taken, 1)
+    return min(GATHER_CAP, int(2 * share * total) + 1024)
+
+
 def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> tuple[list[float | None], np.ndarray]:
     """κ_t by sample → bracket → count and gather (None where the bracket did not decide), and the sample."""
-    stride = max(1, total // min(SAMPLE, SAMPLE_BYTES // (4 * count)))
+    stride = sample_stride(total, count)
     capacity = total // stride + 2
     sample = np.empty((count, capacity), dtype=np.float32)
     taken = 0
@@ -116,10 +137,7 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
 
     low = np.empty(count, dtype=np.float32)
     high = np.empty(count, dtype=np.float32)
-    quantile = (position - 0.5) / total
-    margin = 5.0 * math.sqrt(max(taken * quantile * (1 - quantile), 1.0)) + 32  # P(miss) ≈ 3e-7 per side
-    lo_index = math.floor(quantile * taken - margin)
-    hi_index = math.ceil(quantile * taken + margin)
+    lo_index, hi_index = bracket_ranks(taken, total, position)
     wanted = [i for i in (lo_index, hi_index) if 0 <= i < taken]
 
     def bracket(tasks: slice) -> None:  # np.partition releases the GIL: tasks in parallel
@@ -133,9 +151,7 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
     # Kept for TIES's guess of the majority sign: every few positions, evenly over the model.
     kept = np.ascontiguousarray(sample[:, : taken : max(1, taken // KEPT_SAMPLE)])
     sample = None  # the full sample is freed before the gathering pass
-    # The bracket holds about this share of the entries; room for twice that (a little more for small models).
-    share = (min(hi_index, taken) - max(lo_index, 0)) / max(taken, 1)
-    cap = min(GATHER_CAP, int(2 * share * total) + 1024)
+    cap = gather_capacity(lo_index, hi_index, taken, total)
     gathered = np.empty((count, cap), dtype=np.float32)
     below = np.zeros(count, dtype=np.int64)
     filled = np.zeros(count, dtype=np.int64)

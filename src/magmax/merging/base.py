@@ -223,10 +223,7 @@ def merge_all(method: MergeMethod, keys: Sequence[str], slices: Callable[[str], 
     """τ* of every key, with the statistics passes and the re-merge of provisional tensors, as the engine
     runs them (which also loads, checks and writes as it goes)."""
     run_statistics(method, keys, slices, count, total_numel)
-    if method.merges_many:
-        merged = dict(zip(keys, method.merge_tensors(keys, [slices(key) for key in keys])))
-    else:
-        merged = {key: method.merge_tensor(key, slices(key)) for key in keys}
+    merged = dict(zip(keys, method.merge_tensors(keys, [slices(key) for key in keys])))
     if method.uses_global_reduce and method.defers_global_reduce:
         merged.update((key, method.merge_tensor(key, slices(key))) for key in method.provisional_units())
     return merged

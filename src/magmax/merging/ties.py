@@ -50,7 +50,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from magmax.merging import _fused, _native
+from magmax.merging import _fused, _gpu, _gpu_ties, _native
 from magmax.merging._sparsify import (
     ConsensusState,
     consensus_init,
@@ -129,9 +129,35 @@ class Ties(MergeMethod):
         self._thresholds[t] = global_topk_threshold(lambda: (tau for _, tau in tensors()), self.options.k)
 
     def observe_tasks(self, tensors: SlicesStream, count: int, total_numel: int) -> None:
+        if self._gpu_thresholds(tensors, count):
+            return
         thresholds = global_topk_thresholds(tensors, count, total_numel, self.options.k)
         self._thresholds.update(enumerate(thresholds.values))
         self._guess = 1 if thresholds.sample is None else sampled_majority(thresholds.sample, thresholds.values)
+
+    def _gpu_thresholds(self, tensors: SlicesStream, count: int) -> bool:
+        """κ_t by the GPU kernels when every tensor's inputs are in GPU memory (``_gpu_ties``); False if not."""
+        if not _gpu.possible():
+            return False
+        try:
+            model = _gpu_ties.resident([slices for _, slices in tensors()])
+            found = None if model is None else _gpu_ties.thresholds(model, self.options.k)
+        except Exception as exc:  # the Triton kernels are an optimisation: the other paths are exact too
+            _gpu.disable(exc)
+            return False
+        if model is None:
+            return False
+        if found is None:  # k keeps everything
+            self._thresholds.update((t, None) for t in range(count))
+            self._guess = 1
+            return True
+        values, kept = found
+        # A bracket that missed (or overflowed): the exact radix select for that task.
+        values = [v if v is not None else global_topk_threshold(
+            lambda t=t: (slices[t] for _, slices in tensors()), self.options.k) for t, v in enumerate(values)]
+        self._thresholds.update(enumerate(values))
+        self._guess = _gpu_ties.sampled_majority(kept, values)
+        return True
 
     def reduce_states(self, states: Iterable[tuple[str, ConsensusState]]) -> None:
         """m from every tensor's final fold state."""
@@ -187,6 +213,33 @@ class Ties(MergeMethod):
             self._balance += balance
             if ambiguous:
                 self._provisional.append(key)
+        return merged
+
+    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        """All tensors at once on a GPU when their inputs are all in GPU memory (``_gpu_ties``), else key by key."""
+        merged = self._gpu_merge(keys, slices)
+        return merged if merged is not None else super().merge_tensors(keys, slices)
+
+    def _gpu_merge(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
+        if self.options.threshold != "global" or not keys or not _gpu.possible():
+            return None
+        count = len(slices[0])
+        if any(t not in self._thresholds for t in range(count)):
+            return None
+        final = self._majority is not None
+        majority = self._majority if final else self._guess
+        try:
+            model = _gpu_ties.resident(slices)
+            if model is None:
+                return None
+            merged, balance, ambiguous = _gpu_ties.merge(model, [self._thresholds[t] for t in range(count)],
+                                                         majority > 0)
+        except Exception as exc:  # the Triton kernels are an optimisation: the torch fold gives the same
+            _gpu.disable(exc)
+            return None
+        if not final:
+            self._balance += balance
+            self._provisional.extend(key for key, n in zip(keys, ambiguous) if n)
         return merged
 
     def _native_pass(self, slices: Sequence[Tensor], majority_positive: bool) -> tuple[Tensor, int, int] | None:
