@@ -267,3 +267,30 @@ def test_ties_gpu_path_recovers_from_a_wrong_guess_and_a_missed_bracket(wrong, m
     assert method._thresholds == cpu_method._thresholds
     for key in want:
         assert_bits(got[key], want[key], key)
+
+
+@pytest.mark.parametrize("guess", ["right", "wrong"])
+def test_engine_merges_ties_of_models_in_gpu_memory_all_at_once(guess, monkeypatch):
+    """Models already on the (here: interpreted) device: the engine hands TIES every tensor at once, for
+    its statistics and its merge; a wrong majority guess re-merges the provisional tensors by key."""
+    from magmax.merging import _gpu_ties
+
+    base, fts = ties_models(count=4, seed=7)
+    base["half"] = torch.zeros(5, 3, dtype=torch.bfloat16)  # its own bucket (dtype), with elected signs of 0:
+    for i, ft in enumerate(fts):  # τ = +2 and −2 survive the trim and cancel, so the majority decides
+        ft["half"] = torch.full((5, 3), [2.0, -2.0, 0.0, 0.0][i], dtype=torch.bfloat16)
+    monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "0")
+    cpu = MergeRun(create_method("ties"), DictReader(base), [DictReader(f) for f in fts])
+    cpu.run(expected := DictWriter())
+    want, majority = expected.state, cpu.method._majority
+    monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "1")
+    merges = []
+    real_merge = _gpu_ties.merge
+    monkeypatch.setattr(_gpu_ties, "merge", lambda model, *a: merges.append(len(model.shapes)) or real_merge(model, *a))
+    monkeypatch.setattr(_gpu_ties, "sampled_majority", lambda sample, kappas: majority * (1 if guess == "right" else -1))
+    writer = DictWriter()
+    run = MergeRun(create_method("ties"), DictReader(base), [DictReader(f) for f in fts], bucketed=True)
+    run.run(writer)
+    assert_state_dicts_bitwise_equal(writer.state, want)
+    assert merges[0] > 1, "the tensors of a bucket went one by one"
+    assert (len(merges) > 2) == (guess == "wrong"), merges  # two buckets (dtypes), then the re-merges

@@ -254,9 +254,39 @@ class MergeRun:
                           resident=self._inputs_on_device())
 
     def _by_segments(self, unit: Unit) -> bool:
-        """Whether the unit goes to ``merge_tensors`` as separate tensors: a run of tensors (a bucket),
-        or any tensor on a GPU, for a method that merges many at once."""
-        return self.method.merges_many and (len(unit.keys) > 1 or self.device.type == "cuda")
+        """Whether the unit goes to ``merge_tensors`` as separate tensors: a run of tensors (a bucket), or
+        any tensor on a GPU, for a method that merges many at once; on a GPU with the models in its
+        memory, also for a key-independent method (TIES's global threshold: its GPU kernels take every
+        tensor of a model in memory at once, where concatenating them would copy every input)."""
+        m = self.method
+        if m.merges_many:
+            return len(unit.keys) > 1 or self.device.type == "cuda"
+        on_gpu = self.device.type == "cuda" or (self.device.type == "cpu" and _gpu.interpreting())
+        return m.key_independent and on_gpu and self._inputs_on_device()
+
+    def _stat_units(self) -> tuple[list[str], Callable[[str], TaskSlices]]:
+        """The names the statistics passes see, and their slices: each key of a unit handed over tensor by
+        tensor, else the unit (a key or a bucket)."""
+        names: list[str] = []
+        owner: dict[str, Unit] = {}
+        for unit in self.units.values():
+            if self._by_segments(unit):
+                names.extend(unit.keys)
+                owner.update((key, unit) for key in unit.keys)
+            else:
+                names.append(unit.name)
+
+        def slices(name: str) -> TaskSlices:
+            if name in owner:
+                return self._key_slices(name, self._load(self.base, -1, name), check=True)
+            return self.slices(name)
+
+        return names, slices
+
+    def _unit_of(self, name: str) -> Unit:
+        """The unit to merge again for a provisional result: a unit, or one key of a unit handed over
+        tensor by tensor (its own single-key unit)."""
+        return self.units[name] if name in self.units else Unit(name, (name,), True)
 
     def _checked_in_passing(self, unit: Unit) -> bool:
         """Whether the method's folds will check this unit's inputs for NaN/Inf as they merge it: one-pass
@@ -288,7 +318,8 @@ class MergeRun:
     def prepare(self) -> None:
         """Statistics passes that couple tensors (per-task thresholds, global signs), if the method has any."""
         total = sum(self.base.meta(key).numel for key in self.float_keys)
-        run_statistics(self.method, list(self.units), self.slices, len(self.finetuned), total)
+        names, slices = self._stat_units()
+        run_statistics(self.method, names, slices, len(self.finetuned), total)
 
     def iter_merged(self) -> Iterator[tuple[str, Tensor]]:
         """(key, merged tensor) in base key order; non-float tensors come from the base unchanged.
@@ -303,7 +334,7 @@ class MergeRun:
             yield from self._merge_unit(unit)
         if self.method.uses_global_reduce and self.method.defers_global_reduce:
             for name in self.method.provisional_units():
-                yield from self._merge_unit(self.units[name])
+                yield from self._merge_unit(self._unit_of(name))
 
     def _merge_segments(self, unit: Unit) -> Iterator[tuple[str, Tensor]]:
         """The unit's tensors handed to ``merge_tensors`` as they are (nothing concatenated): on a GPU, one

@@ -34,18 +34,19 @@ class _Chunk:
     segments: _gpu.Layout
     offset: int  # entries of the model before this chunk
     table: Tensor  # θ0's and the T inputs' addresses (``_gpu.address_table``)
+    dtype: torch.dtype
 
 
 class ResidentModel:
     """The T task inputs of every tensor, in memory on one device, tabled by chunks for the kernels."""
 
     def __init__(self, slices: Sequence[Sequence[Tensor]]):
+        """Chunks of consecutive tensors of one dtype, up to ``_gpu.CHUNK_NUMEL`` entries each."""
         self.count = len(slices[0])
         self.shapes: list[torch.Size] = []
         self.chunks: list[_Chunk] = []
-        self.has_base = True
         self._alive: list[object] = []
-        offset = 0
+        self.total = 0
         rows: list[list[Tensor]] = [[] for _ in range(self.count)]
         bases: list[Tensor] = []
         numel = 0
@@ -53,10 +54,12 @@ class ResidentModel:
             pairs = [tensor_slices.operands(t) for t in range(self.count)]  # type: ignore[attr-defined]
             if s == 0:
                 self.has_base = pairs[0][1] is not None
-                self.dtype = pairs[0][0].dtype
                 self.device = pairs[0][0].device
             if (pairs[0][1] is not None) != self.has_base:
                 raise ValueError("some tensors come with θ0 and some without")
+            if rows[0] and pairs[0][0].dtype != rows[0][0].dtype:
+                self._close(rows, bases)
+                rows, bases, numel = [[] for _ in range(self.count)], [], 0
             if self.has_base:
                 bases.append(pairs[0][1])  # type: ignore[arg-type]
             for row, (x, _) in zip(rows, pairs):
@@ -64,20 +67,23 @@ class ResidentModel:
             self._alive.append(pairs)  # the tables hold addresses: the tensors must outlive them
             self.shapes.append(pairs[0][0].shape)
             numel += pairs[0][0].numel()
-            if numel >= _gpu.CHUNK_NUMEL or s + 1 == len(slices):
-                segments = _gpu.layout([x.numel() for x in rows[0]], self.device)
-                table = _gpu.address_table(segments, bases if self.has_base else None, rows)
-                self.chunks.append(_Chunk(segments, offset, table))
-                offset += segments.total
-                rows = [[] for _ in range(self.count)]
-                bases, numel = [], 0
-        self.total = offset
+            if numel >= _gpu.CHUNK_NUMEL:
+                self._close(rows, bases)
+                rows, bases, numel = [[] for _ in range(self.count)], [], 0
+        if rows[0]:
+            self._close(rows, bases)
+
+    def _close(self, rows: list[list[Tensor]], bases: list[Tensor]) -> None:
+        segments = _gpu.layout([x.numel() for x in rows[0]], self.device)
+        table = _gpu.address_table(segments, bases if self.has_base else None, rows)
+        self.chunks.append(_Chunk(segments, self.total, table, rows[0][0].dtype))
+        self.total += segments.total
 
     def launch(self, kernel: object, chunk: _Chunk, *args: object) -> None:
         kernel[(chunk.segments.blocks,)](  # type: ignore[index]
             chunk.segments.block_segment, chunk.segments.block_start, chunk.segments.segment_numel,
             chunk.segments.segment_offset, *args,
-            HAS_BASE=self.has_base, DTYPE=_gpu._triton_dtype(self.dtype), BLOCK=_gpu.BLOCK, num_warps=4,
+            HAS_BASE=self.has_base, DTYPE=_gpu._triton_dtype(chunk.dtype), BLOCK=_gpu.BLOCK, num_warps=4,
         )
 
 
@@ -88,9 +94,10 @@ def resident(slices: Sequence[Sequence[Tensor]]) -> ResidentModel | None:
         return None
     if any(not hasattr(s, "operands") for s in slices) or len({len(s) for s in slices}) != 1 or len(slices[0]) == 0:
         return None
-    x, base = slices[0].operands(0)  # type: ignore[attr-defined]
-    if not _gpu.accepts([x] + ([base] if base is not None else [])):
-        return None
+    for tensor_slices in slices:  # dtypes and device (each chunk has one dtype; the kernels check the rest)
+        x, base = tensor_slices.operands(0)  # type: ignore[attr-defined]
+        if not _gpu.accepts([x] + ([base] if base is not None else [])):
+            return None
     try:
         return ResidentModel(slices)
     except ValueError:
