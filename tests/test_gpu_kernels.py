@@ -132,6 +132,8 @@ def test_merge_tensors_equals_merge_tensor(method, resident, chunk_numel, monkey
     tensors or chunks of them, as the per-tensor merge."""
     monkeypatch.setattr(_gpu, "CHUNK_NUMEL", chunk_numel)
     base = make_state_dict(0, SHAPES)
+    base["half"] = torch.randn(5, 3).to(torch.bfloat16)  # another dtype: a chunk of its own
+    base["tail"] = torch.randn(7)
     fts = make_finetuned(base, 11, seed=2, quantum=0.125)
     keys = [k for k, v in base.items() if v.dtype.is_floating_point]
     m = create_method(method, seed=3) if method == "random" else create_method(method)
@@ -145,7 +147,8 @@ def test_merge_tensors_equals_merge_tensor(method, resident, chunk_numel, monkey
     monkeypatch.setattr(_gpu, "fold", lambda *a, **kw: launches.append(a[1]) or real_fold(*a, **kw))
     got = m.merge_tensors(keys, [slices(k) for k in keys])
     assert _gpu.enabled(), "the Triton path failed and was turned off"
-    assert len(launches) == (1 if resident else 2) * (1 if chunk_numel > 1000 else 2)
+    # chunks: f32 up to "half", "half", "tail" (and the large f32 run split in two when chunks are small)
+    assert len(launches) == (1 if resident else 2) * (3 if chunk_numel > 1000 else 4)
     for key, value in zip(keys, got):
         assert_bits(value, m.merge_tensor(key, slices(key)), f"{method} {key}")
 

@@ -179,6 +179,8 @@ def fold_many(
     try:
         return _fold_many(op, [_operands_of(s) for s in slices], count, params, divide,
                           count if all(getattr(s, "resident", False) for s in slices) else GROUP)
+    except _gpu.NotAccepted:  # inputs for the torch kernels (mixed devices, strided): not a failure
+        return None
     except Exception as exc:  # the Triton kernels are an optimisation: the torch kernels give the same
         _gpu.disable(exc)
         return None
@@ -210,33 +212,15 @@ def _fold_many(
     for g, (start, stop) in enumerate(groups):
         rows: list[list[Tensor]] = [[] for _ in range(start, stop)]
         bases: list[Tensor] = []
-        begin = 0
-        chunk_numel = 0
-        for s, operand in enumerate(operands):
-            pairs = [operand(t) for t in range(start, stop)]
-            base = pairs[0][1]
-            if has_base is None:
-                has_base = base is not None
-                if not _gpu.accepts([pairs[0][0]] + ([base] if base is not None else [])):
-                    return None
-                finite = torch.zeros(len(groups), dtype=torch.int64, device=pairs[0][0].device)
-            if (base is not None) != has_base:
-                return None
-            if base is not None:
-                bases.append(base)
-            for row, (x, _) in zip(rows, pairs):
-                row.append(x)
-            del pairs, base
+
+        def launch(end: int) -> None:
+            """The pending tensors (..end−1) as one chunk: laid out in the first group, merged in each."""
+            nonlocal rows, bases
             if g == 0:
-                shapes.append(rows[0][-1].shape)
-                chunk_numel += rows[0][-1].numel()
-                if chunk_numel >= _gpu.CHUNK_NUMEL or s + 1 == len(operands):
-                    segments = _gpu.layout([x.numel() for x in rows[0]], rows[0][0].device)
-                    state = torch.empty(segments.total, dtype=_F32, device=segments.device)
-                    chunks[s + 1] = _Chunk(begin, s + 1, segments, state)
-            chunk = chunks.get(s + 1)
-            if chunk is None:
-                continue
+                segments = _gpu.layout([x.numel() for x in rows[0]], rows[0][0].device)
+                state = torch.empty(segments.total, dtype=_F32, device=segments.device)
+                chunks[end] = _Chunk(end - len(rows[0]), end, segments, state)
+            chunk = chunks[end]
             assert finite is not None
             rows_params = None
             if params is not None:
@@ -246,8 +230,31 @@ def _fold_many(
                       finite[g : g + 1], count if divide and stop == count else None, rows_params)
             rows = [[] for _ in range(start, stop)]
             bases = []
-            begin = s + 1
-            chunk_numel = 0
+
+        pending = 0  # entries of the tensors read since the last launch
+        for s, operand in enumerate(operands):
+            pairs = [operand(t) for t in range(start, stop)]
+            x, base = pairs[0]
+            if has_base is None:
+                has_base = base is not None
+                if not _gpu.accepts([x] + ([base] if base is not None else [])):
+                    return None
+                finite = torch.zeros(len(groups), dtype=torch.int64, device=x.device)
+            if (base is not None) != has_base:
+                return None
+            # A chunk ends where it reached CHUNK_NUMEL entries, and before another dtype (one per launch).
+            if rows[0] and (s in chunks if g > 0 else pending >= _gpu.CHUNK_NUMEL or x.dtype != rows[0][0].dtype):
+                launch(s)
+                pending = 0
+            if base is not None:
+                bases.append(base)
+            for row, (x_t, _) in zip(rows, pairs):
+                row.append(x_t)
+            if g == 0:
+                shapes.append(x.shape)
+            pending += x.numel()
+            del pairs, base, x, x_t
+        launch(len(operands))
     if finite is not None and _gpu.counts_finite(op):
         total = sum(c.segments.total for c in chunks.values())
         for (start, stop), found in zip(groups, finite.tolist()):  # the one wait for the GPU

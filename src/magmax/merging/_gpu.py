@@ -144,13 +144,18 @@ def layout(numels: Sequence[int], device: torch.device) -> Layout:
     return _layouts[key]
 
 
+class NotAccepted(ValueError):
+    """Inputs the kernels do not take (mixed dtypes or devices, not contiguous): the caller's other path
+    takes them; not a failure of the kernels."""
+
+
 def _pointers(tensors: Sequence[Tensor], numels: Sequence[int], dtype: torch.dtype, device: torch.device) -> list[int]:
     """Data addresses, checking what the kernel relies on: dtype, device, contiguity, length."""
     index = device.index if device.type == "cuda" else -1
     pointers = []
     for x, n in zip(tensors, numels):
         if x.dtype is not dtype or x.get_device() != index or not x.is_contiguous() or x.numel() != n:
-            raise ValueError("GPU fold inputs must share one dtype and device, be contiguous and as long as "
+            raise NotAccepted("GPU kernel inputs must share one dtype and device, be contiguous and as long as "
                              "their segment")
         pointers.append(x.data_ptr())
     return pointers
@@ -167,7 +172,7 @@ def address_table(
     once, so that the copy does not wait for the kernels queued before it (a pageable copy would)."""
     count, group = len(segments.numels), len(inputs)
     if group == 0 or any(len(row) != count for row in inputs):
-        raise ValueError("a GPU kernel needs one input per segment in every row of the group")
+        raise NotAccepted("a GPU kernel needs one input per segment in every row of the group")
     dtype = inputs[0][0].dtype
     size = count + group * count + (2 * group * count if params is not None else 0)
     host = torch.empty(size, dtype=torch.int64, pin_memory=segments.device.type == "cuda")
