@@ -2,7 +2,7 @@
 
 Imported only by :mod:`magmax.merging._gpu`, when triton is installed. One program merges BLOCK
 consecutive entries of one tensor ("segment"); a per-block table says which segment and where in it.
-The inputs come as a table of addresses (``x_addr[t·S + s]``: input t of segment s), so any number of
+The inputs come as a table of addresses (``table[S + t·S + s]``: input t of segment s), so any number of
 tensors and tasks go in one launch with nothing concatenated or stacked, and each entry of each input is
 read once, the state written once (the bandwidth floor, apart from the small tables).
 
@@ -32,6 +32,32 @@ OP_RANDOM = 2
 
 
 @triton.jit
+def _block(block_segment, block_start, segment_numel, BLOCK: tl.constexpr):
+    """This program's (program id, segment, entry indices within the segment, which are in it)."""
+    pid = tl.program_id(0)
+    s = tl.load(block_segment + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    return pid, s, offs, offs < tl.load(segment_numel + s)
+
+
+@triton.jit
+def _theta0(table, s, offs, mask, HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """θ0 of segment s at ``offs`` as float32 (0 without θ0: the inputs are task vectors)."""
+    if HAS_BASE:
+        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    return b
+
+
+@triton.jit
+def _tau(table, S, j, s, offs, mask, b, DTYPE: tl.constexpr):
+    """τ_j = float32(x_j) − float32(θ0) of segment s at ``offs`` (input j at table[S + j·S + s])."""
+    x = tl.load(tl.load(table + S + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0)
+    return x.to(tl.float32) - b
+
+
+@triton.jit
 def fold_segments(
     block_segment,  # int32[blocks]: the segment of each program
     block_start,  # int64[blocks]: its first entry within the segment
@@ -51,22 +77,12 @@ def fold_segments(
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    s = tl.load(block_segment + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(segment_numel + s)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
+    pid, s, offs, mask = _block(block_segment, block_start, segment_numel, BLOCK)
     out = state_ptr + tl.load(segment_offset + s)
-    x_addr = table + S
     params = table + S + G * S
-    if HAS_BASE:
-        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK], dtype=tl.float32)
+    b = _theta0(table, s, offs, mask, HAS_BASE, DTYPE, BLOCK)
     if FIRST:
-        x0 = tl.load(tl.load(x_addr + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
-        state = x0 - b
+        state = _tau(table, S, 0, s, offs, mask, b, DTYPE)
         probe = state
         j0 = 1
     else:
@@ -76,8 +92,7 @@ def fold_segments(
     mag = tl.abs(state)
     spread = offs.to(tl.uint32) * 0x61C88647
     for j in range(j0, G):
-        x = tl.load(tl.load(x_addr + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0)
-        v = x.to(tl.float32) - b
+        v = _tau(table, S, j, s, offs, mask, b, DTYPE)
         if OP == 0:
             probe = probe + v
             a = tl.abs(v)
@@ -119,20 +134,13 @@ def ties_sample(
     S, G, chunk_offset, stride, cap,
     HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    s = tl.load(block_segment + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    pid, s, offs, mask = _block(block_segment, block_start, segment_numel, BLOCK)
     g = chunk_offset + tl.load(segment_offset + s) + offs  # position in the whole flattened model
-    pick = (offs < tl.load(segment_numel + s)) & (g % stride == 0)
     at = g // stride
-    pick = pick & (at < cap)
-    if HAS_BASE:
-        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=pick, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK], dtype=tl.float32)
+    pick = mask & (g % stride == 0) & (at < cap)
+    b = _theta0(table, s, offs, pick, HAS_BASE, DTYPE, BLOCK)
     for j in range(0, G):
-        x = tl.load(tl.load(table + S + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=pick, other=0.0)
-        tl.store(sample + j * cap + at, x.to(tl.float32) - b, mask=pick)
+        tl.store(sample + j * cap + at, _tau(table, S, j, s, offs, pick, b, DTYPE), mask=pick)
 
 
 @triton.jit
@@ -145,17 +153,10 @@ def ties_count(
     S, G, cap,
     HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    s = tl.load(block_segment + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(segment_numel + s)
-    if HAS_BASE:
-        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK], dtype=tl.float32)
+    pid, s, offs, mask = _block(block_segment, block_start, segment_numel, BLOCK)
+    b = _theta0(table, s, offs, mask, HAS_BASE, DTYPE, BLOCK)
     for j in range(0, G):
-        x = tl.load(tl.load(table + S + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0)
-        a = tl.abs(x.to(tl.float32) - b)
+        a = tl.abs(_tau(table, S, j, s, offs, mask, b, DTYPE))
         lo = tl.load(low + j)
         hi = tl.load(high + j)
         tl.store(below + pid * G + j, tl.sum((mask & (a < lo)).to(tl.int64), axis=0))
@@ -177,21 +178,14 @@ def ties_merge(
 ):
     # τ* = Σ⁺/max(n⁺, 1) where the elected sign sign(Σ⁺ + Σ⁻) is positive (or 0 and ``zero_positive``),
     # else Σ⁻/max(n⁻, 1), over the τ_j with |τ_j| >= κ_j (ties at κ kept); the division correctly rounded.
-    pid = tl.program_id(0)
-    s = tl.load(block_segment + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(segment_numel + s)
-    if HAS_BASE:
-        b = tl.load(tl.load(table + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK], dtype=tl.float32)
+    pid, s, offs, mask = _block(block_segment, block_start, segment_numel, BLOCK)
+    b = _theta0(table, s, offs, mask, HAS_BASE, DTYPE, BLOCK)
     ps = tl.zeros([BLOCK], dtype=tl.float32)
     ns = tl.zeros([BLOCK], dtype=tl.float32)
     pc = tl.zeros([BLOCK], dtype=tl.float32)
     nc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, G):
-        x = tl.load(tl.load(table + S + j * S + s).to(tl.pointer_type(DTYPE)) + offs, mask=mask, other=0.0)
-        v = x.to(tl.float32) - b
+        v = _tau(table, S, j, s, offs, mask, b, DTYPE)
         kappa = tl.load(kappas + j)
         trimmed = tl.where(tl.abs(v) >= kappa, v, 0.0)
         ps = ps + tl.maximum(trimmed, 0.0)
