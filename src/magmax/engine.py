@@ -261,23 +261,22 @@ class MergeRun:
         m = self.method
         if m.merges_many:
             return len(unit.keys) > 1 or self.device.type == "cuda"
-        on_gpu = self.device.type == "cuda" or (self.device.type == "cpu" and _gpu.interpreting())
-        return m.key_independent and on_gpu and self._inputs_on_device()
+        return m.key_independent and _gpu.kernel_device(self.device) and self._inputs_on_device()
 
     def _stat_units(self) -> tuple[list[str], Callable[[str], TaskSlices]]:
         """The names the statistics passes see, and their slices: each key of a unit handed over tensor by
         tensor, else the unit (a key or a bucket)."""
         names: list[str] = []
-        owner: dict[str, Unit] = {}
+        by_key: set[str] = set()
         for unit in self.units.values():
             if self._by_segments(unit):
                 names.extend(unit.keys)
-                owner.update((key, unit) for key in unit.keys)
+                by_key.update(unit.keys)
             else:
                 names.append(unit.name)
 
         def slices(name: str) -> TaskSlices:
-            if name in owner:
+            if name in by_key:
                 return self._key_slices(name, self._load(self.base, -1, name), check=True)
             return self.slices(name)
 

@@ -62,9 +62,14 @@ def possible() -> bool:
     return enabled() and (interpreting() or torch.cuda.is_available())
 
 
+def kernel_device(device: torch.device) -> bool:
+    """Whether the kernels run on tensors of this device: CUDA, or the CPU when interpreting."""
+    return device.type == ("cpu" if interpreting() else "cuda")
+
+
 def serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`fold` would take inputs of this dtype on this device (nothing loaded to find out)."""
-    return possible() and dtype in _INPUT_DTYPES and device.type == ("cpu" if interpreting() else "cuda")
+    return possible() and dtype in _INPUT_DTYPES and kernel_device(device)
 
 
 def accepts(tensors: Sequence[Tensor]) -> bool:
@@ -73,8 +78,7 @@ def accepts(tensors: Sequence[Tensor]) -> bool:
     if not tensors or not enabled():
         return False
     first = tensors[0]
-    device_type = "cpu" if interpreting() else "cuda"
-    if first.dtype not in _INPUT_DTYPES or first.device.type != device_type:
+    if first.dtype not in _INPUT_DTYPES or not kernel_device(first.device):
         return False
     return all(t.dtype == first.dtype and t.device == first.device for t in tensors)
 
