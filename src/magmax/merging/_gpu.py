@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 log = logging.getLogger(__name__)
 
 BLOCK = 1024
@@ -34,8 +33,8 @@ CHUNK_NUMEL = 1 << 24
 """Entries per launch (tensors are grouped until they reach it): while the GPU merges one chunk, the host
 prepares the next (looking up every input's address costs about as long as the GPU's work)."""
 
-OPS = ("magmax", "sum", "random")
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_AVAILABLE = importlib.util.find_spec("triton") is not None
 _disabled_after_error = False
 _module: ModuleType | None = None
 
@@ -52,9 +51,7 @@ def interpreting() -> bool:
 
 def enabled() -> bool:
     """triton installed, not turned off by ``MAGMAX_TRITON=0``, and no kernel has failed in this process."""
-    if _disabled_after_error or not _flag("MAGMAX_TRITON", "1"):
-        return False
-    return importlib.util.find_spec("triton") is not None
+    return _AVAILABLE and not _disabled_after_error and _flag("MAGMAX_TRITON", "1")
 
 
 def possible() -> bool:
