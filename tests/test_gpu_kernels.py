@@ -188,6 +188,21 @@ def test_nan_found_in_passing_is_named(where, bad):
         run.run(DictWriter())
 
 
+def test_inputs_the_kernels_do_not_take_go_to_the_torch_kernels_without_turning_them_off():
+    """A float64 tensor after float32 ones (a chunk of its own, which the kernels do not read)."""
+    base = make_state_dict(0, SHAPES)
+    base["double"] = torch.randn(4, 3, dtype=torch.float64)
+    fts = make_finetuned(base, 3, seed=1)
+    keys = [k for k, v in base.items() if v.dtype.is_floating_point]
+    m = create_method("magmax")
+    slices = [TaskSlices(k, 3, lambda t, k=k: fts[t][k].float() - base[k].float(), base=base[k],
+                         finetuned=lambda t, k=k: fts[t][k], resident=True) for k in keys]
+    got = m.merge_tensors(keys, slices)
+    assert _gpu.enabled()
+    for key, value in zip(keys, got):
+        assert_bits(value, m.merge_tensor(key, slices[keys.index(key)]), key)
+
+
 def test_a_failing_kernel_falls_back_to_the_torch_kernels(monkeypatch, caplog):
     base = make_state_dict(0, SHAPES)
     fts = make_finetuned(base, 3, seed=1)

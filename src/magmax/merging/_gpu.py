@@ -175,6 +175,8 @@ def address_table(
     if group == 0 or any(len(row) != count for row in inputs):
         raise NotAccepted("a GPU kernel needs one input per segment in every row of the group")
     dtype = inputs[0][0].dtype
+    if dtype not in _INPUT_DTYPES:
+        raise NotAccepted(f"the GPU kernels read float32, bfloat16 and float16, not {dtype}")
     size = count + group * count + (2 * group * count if params is not None else 0)
     host = torch.empty(size, dtype=torch.int64, pin_memory=segments.device.type == "cuda")
     table = host.numpy()
