@@ -41,9 +41,10 @@ def test_cuda_merge_is_bit_exact_with_cpu(models, method, kernels, monkeypatch):
         assert _gpu.enabled(), "a Triton kernel failed and was turned off (see the log)"
 
 
-@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("method", [*EXACT, "ties"])
 def test_cuda_merge_of_models_on_the_gpu(models, method):
-    """Inputs already on the device: every task in one launch per run of tensors; NaN/Inf still named."""
+    """Inputs already on the device: every task in one launch per run of tensors (TIES too: its Triton
+    kernels do the CPU kernels' float32 operations); NaN/Inf still named."""
     base, fts = models
     want = magmax.merge(method, base, fts)
     on_gpu = [{k: v.cuda() for k, v in sd.items()} for sd in [base, *fts]]
