@@ -199,8 +199,8 @@ def test_inputs_the_kernels_do_not_take_go_to_the_torch_kernels_without_turning_
                          finetuned=lambda t, k=k: fts[t][k], resident=True) for k in keys]
     got = m.merge_tensors(keys, slices)
     assert _gpu.enabled()
-    for key, value in zip(keys, got):
-        assert_bits(value, m.merge_tensor(key, slices[keys.index(key)]), key)
+    for key, tensor_slices, value in zip(keys, slices, got):
+        assert_bits(value, m.merge_tensor(key, tensor_slices), key)
 
 
 def test_a_failing_kernel_falls_back_to_the_torch_kernels(monkeypatch, caplog):
