@@ -108,6 +108,22 @@ def test_merge_is_the_engine_over_dict_readers(models):
     assert stats.merged_parameters == sum(base[k].numel() for k in float_keys)
 
 
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_merged_tensors_go_to_the_output_device_each_with_its_own_storage(models, bucketed):
+    """Where the base's tensors are by default (a GPU model gives a GPU model; tests/test_cuda.py), else
+    where asked: here the meta device, which only this plumbing can have put them on."""
+    base, finetuned = models
+    assert all(v.device.type == "cpu" for v in magmax.merge("magmax", base, finetuned).values())
+    writer = DictWriter()
+    MergeRun(create_method("magmax"), DictReader(base), [DictReader(f) for f in finetuned], bucketed=bucketed,
+             output_device="meta").run(writer)
+    assert list(writer.state) == list(base)
+    assert all(v.device.type == "meta" for v in writer.state.values())
+    merged = magmax.merge("magmax", base, finetuned, output_device="meta")
+    assert {k: (v.device.type, v.dtype, v.shape) for k, v in merged.items()} == {
+        k: ("meta", v.dtype, v.shape) for k, v in base.items()}
+
+
 def test_output_dtype_argument(models):
     base, finetuned = models
     merged = magmax.merge("magmax", base, finetuned, dtype=torch.bfloat16)

@@ -31,16 +31,21 @@ def merge(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    output_device: torch.device | str | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """θ0 + λ·merge(τ_1..τ_T) for fine-tuned state dicts ``finetuned`` of the base ``base``.
 
-    ``options`` are the method's (e.g. ``scale=0.5``, ``seed=0``, ``k=0.2``); ``dtype`` is the output
-    dtype (default: each base tensor's dtype). Integer/bool tensors are copied from the base.
+    ``options`` are the method's (e.g. ``scale=0.5``, ``seed=0``, ``k=0.2``); ``device`` is where the
+    merge runs, ``output_device`` where the merged tensors are returned (default: where the base's
+    tensors are, so models on a GPU give a model on that GPU); ``dtype`` is the output dtype (default:
+    each base tensor's dtype). Integer/bool tensors are copied from the base.
     """
     m = _method(method, options)
+    if output_device is None:
+        output_device = next(iter(base.values())).device if base else torch.device("cpu")
     readers = [DictReader(sd, f"fine-tuned model {i + 1}") for i, sd in enumerate(finetuned)]
-    run = MergeRun(m, DictReader(base, "base"), readers, device=device, out_dtype=dtype)
+    run = MergeRun(m, DictReader(base, "base"), readers, device=device, out_dtype=dtype, output_device=output_device)
     writer = DictWriter()
     run.run(writer)
     return writer.state

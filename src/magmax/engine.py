@@ -140,14 +140,17 @@ class MergeRun:
         out_dtype: torch.dtype | None = None,
         check_values: bool = True,
         bucketed: bool | None = None,
+        output_device: torch.device | str = "cpu",
     ):
-        """``bucketed``: merge runs of tensors as one flat tensor (default: on CUDA, for key-independent methods)."""
+        """``bucketed``: merge runs of tensors as one flat tensor (default: on CUDA, for key-independent
+        methods); ``output_device``: where the merged tensors are handed out (each its own storage)."""
         validate_readers(base, finetuned)
         self.method = method
         self.base = base
         self.finetuned = list(finetuned)
         self.device = torch.device(device)
         self.out_dtype = out_dtype
+        self.output_device = torch.device(output_device)
         self.check_values = check_values
         self.keys = base.keys()
         self.float_keys = [k for k in self.keys if is_mergeable(base.meta(k).dtype)]
@@ -328,7 +331,7 @@ class MergeRun:
         self.prepare()
         for unit in self.plan:
             if not unit.merged:
-                yield unit.name, self.base.get(unit.name).cpu().clone()
+                yield unit.name, self.base.get(unit.name).to(self.output_device, copy=True)
                 continue
             yield from self._merge_unit(unit)
         if self.method.uses_global_reduce and self.method.defers_global_reduce:
@@ -352,7 +355,7 @@ class MergeRun:
                     self._load(reader, t, key)
         for key, base_tensor, tau in zip(unit.keys, bases, taus):
             merged = combine(base_tensor, tau, m.scale, self.out_dtype)
-            yield key, merged.cpu()
+            yield key, merged.to(self.output_device)
         del bases, taus
 
     def _merge_unit(self, unit: Unit) -> Iterator[tuple[str, Tensor]]:
@@ -377,7 +380,7 @@ class MergeRun:
         merged = combine(base_tensor, tau, self.method.scale, self.out_dtype)
         del tau, base_tensor
         if len(unit.keys) == 1:
-            yield unit.name, merged.cpu()
+            yield unit.name, merged.to(self.output_device)
             return
         offset = 0
         for key in unit.keys:
@@ -385,7 +388,7 @@ class MergeRun:
             # Each key copied out on its own (not views of one buffer: merged tensors must not share
             # storage, which safetensors refuses).
             part = merged[offset : offset + meta.numel].view(meta.shape)
-            yield key, part.cpu() if part.device.type != "cpu" else part.clone()
+            yield key, part.to(self.output_device, copy=True)
             offset += meta.numel
 
     def run(self, writer: TensorWriter, progress: Callable[[str, int], None] | None = None) -> MergeStats:
