@@ -177,7 +177,7 @@ def fold_many(
     if count < 1 or any(len(s) != count for s in slices):
         return None
     try:
-        return _fold_many(op, [_operands_of(s) for s in slices], count, params, divide,
+        return _fold_many(op, [_ranges_of(s) for s in slices], count, params, divide,
                           count if all(getattr(s, "resident", False) for s in slices) else GROUP)
     except _gpu.NotAccepted:  # inputs for the torch kernels (mixed devices, strided): not a failure
         return None
@@ -198,7 +198,7 @@ class _Chunk:
 
 def _fold_many(
     op: str,
-    operands: list[Callable[[int], tuple[Tensor, Tensor | None]]],
+    operands: list[Callable[[int, int], tuple[list[Tensor], Tensor | None]]],
     count: int,
     params: Sequence[ParamsFn] | None,
     divide: bool,
@@ -232,9 +232,9 @@ def _fold_many(
             bases = []
 
         pending = 0  # entries of the tensors read since the last launch
-        for s, operand in enumerate(operands):
-            pairs = [operand(t) for t in range(start, stop)]
-            x, base = pairs[0]
+        for s, operand_range in enumerate(operands):
+            inputs, base = operand_range(start, stop)
+            x = inputs[0]
             if has_base is None:
                 has_base = base is not None
                 if not _gpu.accepts([x] + ([base] if base is not None else [])):
@@ -248,12 +248,12 @@ def _fold_many(
                 pending = 0
             if base is not None:
                 bases.append(base)
-            for row, (x_t, _) in zip(rows, pairs):
+            for row, x_t in zip(rows, inputs):
                 row.append(x_t)
             if g == 0:
                 shapes.append(x.shape)
             pending += x.numel()
-            del pairs, base, x, x_t
+            del inputs, base, x, x_t
         launch(len(operands))
     if finite is not None and _gpu.counts_finite(op):
         total = sum(c.segments.total for c in chunks.values())
@@ -261,6 +261,14 @@ def _fold_many(
             _native._report(found, total, stop - start, bool(has_base))
     views = [view for c in chunks.values() for view in c.segments.views(c.state)]
     return [view.view(shape) for view, shape in zip(views, shapes)]
+
+
+def _ranges_of(slices: Sequence[Tensor]) -> Callable[[int, int], tuple[list[Tensor], Tensor | None]]:
+    """(inputs start..stop−1, θ0 or None) of a tensor's slices (``TaskSlices`` or a plain list of τ)."""
+    operand_range = getattr(slices, "operand_range", None)
+    if operand_range is not None:
+        return operand_range
+    return lambda start, stop: (list(slices[start:stop]), None)  # type: ignore[index]
 
 
 def _operands_of(slices: Sequence[Tensor]) -> Callable[[int], tuple[Tensor, Tensor | None]]:

@@ -85,9 +85,20 @@ class TaskSlices(Sequence[Tensor]):
             raise IndexError(t)
         return self._finetuned(t), self._base
 
+    def operand_range(self, start: int, stop: int) -> tuple[list[Tensor], Tensor | None]:
+        """The first items of ``operands(t)`` for t = start..stop−1, and θ0 (or None), in one call."""
+        if self._taus is not None:
+            return list(self._taus[start:stop]), None
+        pairs = [self.operands(t) for t in range(start, stop)]
+        return [x for x, _ in pairs], pairs[0][1] if pairs else None
+
+    _taus: Sequence[Tensor] | None = None
+
     @classmethod
     def from_list(cls, key: str, taus: Sequence[Tensor]) -> TaskSlices:
-        return cls(key, len(taus), lambda t: taus[t], resident=True)
+        slices = cls(key, len(taus), lambda t: taus[t], resident=True)
+        slices._taus = taus
+        return slices
 
 
 SlicesStream = Callable[[], Iterator[tuple[str, TaskSlices]]]
