@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from helpers import SHAPES, assert_state_dicts_bitwise_equal, make_finetuned, make_state_dict
 
 import magmax
@@ -312,3 +314,32 @@ def test_engine_merges_ties_of_models_in_gpu_memory_all_at_once(guess, monkeypat
     assert_state_dicts_bitwise_equal(writer.state, want)
     assert merges[0] > 1, "the tensors of a bucket went one by one"
     assert (len(merges) > 2) == (guess == "wrong"), merges  # two buckets (dtypes), then the re-merges
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    numels=st.lists(st.integers(0, 2 * _gpu.BLOCK + 3), min_size=1, max_size=4),
+    count=st.integers(1, 10),
+    method=st.sampled_from(["magmax", "average", "task_arithmetic", "random"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    resident=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_tensors_and_models_merge_on_the_gpu_path_as_tensor_by_tensor(numels, count, method, dtype, resident, seed):
+    """Property: for any tensor lengths (empty, within one block, across blocks), model count (one group
+    or groups of GROUP) and dtype, merging all tensors at once equals merging them one by one, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    bases = [torch.randn(n, generator=gen).to(dtype) for n in numels]
+    models = [[(b.float() + torch.randint(-3, 4, (n,), generator=gen) * 0.25).to(dtype) for b, n in zip(bases, numels)]
+              for _ in range(count)]
+    keys = [f"t{s}" for s in range(len(numels))]
+    m = create_method(method, seed=seed) if method == "random" else create_method(method)
+
+    def slices(s):
+        return TaskSlices(keys[s], count, lambda t: models[t][s].float() - bases[s].float(), base=bases[s],
+                          finetuned=lambda t: models[t][s], resident=resident)
+
+    got = m.merge_tensors(keys, [slices(s) for s in range(len(numels))])
+    assert _gpu.enabled()
+    for s, key in enumerate(keys):
+        assert_bits(got[s], m.merge_tensor(key, slices(s)), key)
