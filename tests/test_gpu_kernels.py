@@ -252,8 +252,8 @@ def test_ties_on_the_gpu_path_equals_the_cpu_path(options, quantum, monkeypatch)
     monkeypatch.setattr("magmax.merging._threshold.SAMPLE", 4096)  # a strided sample, as in large models
     base, fts = ties_models(quantum=quantum)
     fallbacks = []
-    real_radix = magmax.merging.ties.global_topk_threshold
-    monkeypatch.setattr("magmax.merging.ties.global_topk_threshold",
+    real_radix = magmax.merging._threshold.global_topk_threshold
+    monkeypatch.setattr("magmax.merging._threshold.global_topk_threshold",
                         lambda *a: fallbacks.append(1) or real_radix(*a))
     got, gpu_method = ties_merge_all(base, fts, **options)
     if quantum is None:
@@ -278,7 +278,7 @@ def test_ties_gpu_path_recovers_from_a_wrong_guess_and_a_missed_bracket(wrong, m
     from magmax.merging import _gpu_ties
 
     if wrong == "guess":
-        monkeypatch.setattr(_gpu_ties, "sampled_majority", lambda sample, kappas: -cpu_method._guess)
+        monkeypatch.setattr(magmax.merging.ties, "sampled_majority", lambda sample, kappas: -cpu_method._guess)
     else:
         monkeypatch.setattr(_gpu_ties, "bracket_ranks", lambda taken, total, position: (0, 1))
     got, method = ties_merge_all(base, fts)
@@ -307,7 +307,8 @@ def test_engine_merges_ties_of_models_in_gpu_memory_all_at_once(guess, monkeypat
     merges = []
     real_merge = _gpu_ties.merge
     monkeypatch.setattr(_gpu_ties, "merge", lambda model, *a: merges.append(len(model.shapes)) or real_merge(model, *a))
-    monkeypatch.setattr(_gpu_ties, "sampled_majority", lambda sample, kappas: majority * (1 if guess == "right" else -1))
+    monkeypatch.setattr(magmax.merging.ties, "sampled_majority",
+                        lambda sample, kappas: majority * (1 if guess == "right" else -1))
     writer = DictWriter()
     run = MergeRun(create_method("ties"), DictReader(base), [DictReader(f) for f in fts], bucketed=True)
     run.run(writer)

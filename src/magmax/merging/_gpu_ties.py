@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from magmax.merging import _gpu
-from magmax.merging._sparsify import keep_fraction, kth_position
 from magmax.merging._threshold import KEPT_SAMPLE, bracket_ranks, gather_capacity, sample_stride
 
 
@@ -51,22 +50,22 @@ class ResidentModel:
         bases: list[Tensor] = []
         numel = 0
         for s, tensor_slices in enumerate(slices):
-            pairs = [tensor_slices.operands(t) for t in range(self.count)]  # type: ignore[attr-defined]
+            inputs, base = tensor_slices.operand_range(0, self.count)  # type: ignore[attr-defined]
             if s == 0:
-                self.has_base = pairs[0][1] is not None
-                self.device = pairs[0][0].device
-            if (pairs[0][1] is not None) != self.has_base:
-                raise ValueError("some tensors come with θ0 and some without")
-            if rows[0] and pairs[0][0].dtype != rows[0][0].dtype:
+                self.has_base = base is not None
+                self.device = inputs[0].device
+            if (base is not None) != self.has_base:
+                raise _gpu.NotAccepted("some tensors come with θ0 and some without")
+            if rows[0] and inputs[0].dtype != rows[0][0].dtype:
                 self._close(rows, bases)
                 rows, bases, numel = [[] for _ in range(self.count)], [], 0
-            if self.has_base:
-                bases.append(pairs[0][1])  # type: ignore[arg-type]
-            for row, (x, _) in zip(rows, pairs):
+            if base is not None:
+                bases.append(base)
+            for row, x in zip(rows, inputs):
                 row.append(x)
-            self._alive.append(pairs)  # the tables hold addresses: the tensors must outlive them
-            self.shapes.append(pairs[0][0].shape)
-            numel += pairs[0][0].numel()
+            self._alive.append((inputs, base))  # the tables hold addresses: the tensors must outlive them
+            self.shapes.append(inputs[0].shape)
+            numel += inputs[0].numel()
             if numel >= _gpu.CHUNK_NUMEL:
                 self._close(rows, bases)
                 rows, bases, numel = [[] for _ in range(self.count)], [], 0
@@ -92,26 +91,22 @@ def resident(slices: Sequence[Sequence[Tensor]]) -> ResidentModel | None:
     (``TaskSlices.resident``), not on a GPU (or interpreting), other dtypes, no triton."""
     if not slices or not _gpu.possible() or not all(getattr(s, "resident", False) for s in slices):
         return None
-    if any(not hasattr(s, "operands") for s in slices) or len({len(s) for s in slices}) != 1 or len(slices[0]) == 0:
+    if any(not hasattr(s, "operand_range") for s in slices) or len({len(s) for s in slices}) != 1 or len(slices[0]) == 0:
         return None
-    for tensor_slices in slices:  # dtypes and device (each chunk has one dtype; the kernels check the rest)
-        x, base = tensor_slices.operands(0)  # type: ignore[attr-defined]
-        if not _gpu.accepts([x] + ([base] if base is not None else [])):
-            return None
+    inputs, base = slices[0].operand_range(0, 1)  # type: ignore[attr-defined]
+    if not _gpu.accepts(inputs + ([base] if base is not None else [])):  # the device kind; tables check the rest
+        return None
     try:
         return ResidentModel(slices)
-    except ValueError:
+    except _gpu.NotAccepted:  # mixed devices, dtypes the kernels do not read, strided tensors
         return None
 
 
-def thresholds(model: ResidentModel, k: float) -> tuple[list[float | None], Tensor] | None:
-    """(κ_t for every task, None where the bracket did not decide; a subsample of the sample, count × S,
-    for :func:`sampled_majority`), or None to keep everything (k ≥ 1 or an empty model)."""
+def bracketed(model: ResidentModel, position: int) -> tuple[list[float | None], Tensor]:
+    """(κ_t = the ``position``-th smallest |τ_t| for every task, None where the bracket did not decide; a
+    subsample of the sample, count × S, for TIES's guess of the majority sign)."""
     kern = _gpu._kernels()
     count, total, device = model.count, model.total, model.device
-    position = kth_position(total, k) if keep_fraction(k) < 1 else None
-    if position is None:
-        return None
     stride = sample_stride(total, count)
     cap = total // stride + 2
     sample = torch.zeros((count, cap), dtype=torch.float32, device=device)
@@ -144,18 +139,6 @@ def thresholds(model: ResidentModel, k: float) -> tuple[list[float | None], Tens
             found[t] = gathered[t, :n].kthvalue(r).values  # type: ignore[assignment]
     values = [None if v is None else float(v) for v in found]  # one wait for the device per task found
     return values, kept
-
-
-def sampled_majority(sample: Tensor, kappas: Sequence[float | None]) -> int:
-    """``ties.sampled_majority`` on the device, summing in the same order (so the same guess)."""
-    positive = torch.zeros(sample.shape[1], dtype=torch.float32, device=sample.device)
-    negative = torch.zeros_like(positive)
-    for row, kappa in zip(sample, kappas):
-        trimmed = row if kappa is None else torch.where(row.abs() >= kappa, row, 0.0)
-        positive += trimmed.clamp(min=0)
-        negative += trimmed.clamp(max=0)
-    total = positive + negative
-    return 1 if int((total > 0).sum()) > int((total < 0).sum()) else -1
 
 
 def merge(model: ResidentModel, kappas: Sequence[float | None], zero_positive: bool) -> tuple[list[Tensor], int, list[int]]:

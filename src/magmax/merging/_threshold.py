@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from magmax.merging import _fused, _native
+from magmax.merging import _fused, _gpu, _native
 from magmax.merging._sparsify import global_topk_threshold, keep_fraction, kth_position
 from magmax.merging.base import TaskSlices
 
@@ -66,8 +66,9 @@ def _native_groups(slices: TaskSlices, count: int) -> Iterator[tuple[int, int, T
 class Thresholds:
     values: list[float | None]
     """κ_t for t = 0..count−1 (``None``: keep everything)."""
-    sample: np.ndarray | None = None
-    """count × S: τ_t at S positions of the model spread evenly, the same for every task (when sampled)."""
+    sample: np.ndarray | Tensor | None = None
+    """count × S: τ_t at S positions of the model spread evenly, the same for every task (when sampled;
+    on the GPU when the GPU kernels took it)."""
 
 
 def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k: float) -> Thresholds:
@@ -78,8 +79,11 @@ def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k
     if position is None:
         return Thresholds([None] * count)
     found: list[float | None] = [None] * count
-    sample = None
-    if _native.enabled():
+    sample: np.ndarray | Tensor | None = None
+    on_gpu = _gpu_bracketed(stream, position)
+    if on_gpu is not None:
+        found, sample = on_gpu
+    elif _native.enabled():
         try:
             found, sample = _bracketed(stream, count, total_numel, position)
         except _NotNative:
@@ -88,6 +92,21 @@ def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k
             _native.disable(exc)
     values = [value if value is not None else _radix(stream, t, k) for t, value in enumerate(found)]
     return Thresholds(values, sample)
+
+
+def _gpu_bracketed(stream: SlicesStream, position: int) -> tuple[list[float | None], Tensor] | None:
+    """The same steps by the GPU kernels (:mod:`magmax.merging._gpu_ties`) when every tensor's inputs are
+    in GPU memory; None where they do not apply (or failed: then they are off for the process)."""
+    if not _gpu.possible():
+        return None
+    from magmax.merging import _gpu_ties  # it builds on this module's bracket arithmetic
+
+    try:
+        model = _gpu_ties.resident([slices for _, slices in stream()])
+        return None if model is None else _gpu_ties.bracketed(model, position)
+    except Exception as exc:  # the Triton kernels are an optimisation: the other paths are exact too
+        _gpu.disable(exc)
+        return None
 
 
 def _radix(stream: SlicesStream, t: int, k: float) -> float | None:

@@ -86,15 +86,17 @@ class TiesOptions(MethodOptions):
     )
 
 
-def sampled_majority(sample: np.ndarray, kappas: Sequence[float | None]) -> int:
+def sampled_majority(sample: np.ndarray | Tensor, kappas: Sequence[float | None]) -> int:
     """The majority sign m estimated on sampled positions (``sample``: count × S, τ_t at the same S
-    positions for every task): ±1, −1 for a balance of 0 (as the reference treats m = 0). A guess only."""
-    positive = np.zeros(sample.shape[1], np.float32)
-    negative = np.zeros(sample.shape[1], np.float32)
-    for row, kappa in zip(sample, kappas):
-        trimmed = row if kappa is None else np.where(np.abs(row) >= kappa, row, np.float32(0))
-        positive += np.maximum(trimmed, 0)
-        negative += np.minimum(trimmed, 0)
+    positions for every task; on the CPU or the GPU, where the thresholds' sample was taken): ±1, −1 for a
+    balance of 0 (as the reference treats m = 0). A guess only."""
+    rows = torch.from_numpy(sample) if isinstance(sample, np.ndarray) else sample
+    positive = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
+    negative = torch.zeros_like(positive)
+    for row, kappa in zip(rows, kappas):
+        trimmed = row if kappa is None else torch.where(row.abs() >= kappa, row, 0.0)
+        positive += trimmed.clamp(min=0)
+        negative += trimmed.clamp(max=0)
     total = positive + negative
     return 1 if int((total > 0).sum()) > int((total < 0).sum()) else -1
 
@@ -129,35 +131,9 @@ class Ties(MergeMethod):
         self._thresholds[t] = global_topk_threshold(lambda: (tau for _, tau in tensors()), self.options.k)
 
     def observe_tasks(self, tensors: SlicesStream, count: int, total_numel: int) -> None:
-        if self._gpu_thresholds(tensors, count):
-            return
         thresholds = global_topk_thresholds(tensors, count, total_numel, self.options.k)
         self._thresholds.update(enumerate(thresholds.values))
         self._guess = 1 if thresholds.sample is None else sampled_majority(thresholds.sample, thresholds.values)
-
-    def _gpu_thresholds(self, tensors: SlicesStream, count: int) -> bool:
-        """κ_t by the GPU kernels when every tensor's inputs are in GPU memory (``_gpu_ties``); False if not."""
-        if not _gpu.possible():
-            return False
-        try:
-            model = _gpu_ties.resident([slices for _, slices in tensors()])
-            found = None if model is None else _gpu_ties.thresholds(model, self.options.k)
-        except Exception as exc:  # the Triton kernels are an optimisation: the other paths are exact too
-            _gpu.disable(exc)
-            return False
-        if model is None:
-            return False
-        if found is None:  # k keeps everything
-            self._thresholds.update((t, None) for t in range(count))
-            self._guess = 1
-            return True
-        values, kept = found
-        # A bracket that missed (or overflowed): the exact radix select for that task.
-        values = [v if v is not None else global_topk_threshold(
-            lambda t=t: (slices[t] for _, slices in tensors()), self.options.k) for t, v in enumerate(values)]
-        self._thresholds.update(enumerate(values))
-        self._guess = _gpu_ties.sampled_majority(kept, values)
-        return True
 
     def reduce_states(self, states: Iterable[tuple[str, ConsensusState]]) -> None:
         """m from every tensor's final fold state."""
