@@ -313,8 +313,9 @@ class MergeRun:
         return self._on_device
 
     def _resident(self, unit: Unit) -> bool:
-        """Tensors of in-memory state dicts on the CPU: loading copies nothing, a kernel may hold all T."""
-        return self._in_memory and self.device.type == "cpu" and len(unit.keys) == 1
+        """One tensor of in-memory state dicts on the merge's device (a bucket is concatenated when loaded):
+        loading copies nothing, a kernel may hold all T."""
+        return len(unit.keys) == 1 and self._inputs_on_device()
 
     # -- running -------------------------------------------------------------------------------------
     def prepare(self) -> None:

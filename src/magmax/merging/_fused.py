@@ -242,8 +242,7 @@ def _fold_many(
                 finite = torch.zeros(len(groups), dtype=torch.int64, device=x.device)
             if (base is not None) != has_base:
                 return None
-            # A chunk ends where it reached CHUNK_NUMEL entries, and before another dtype (one per launch).
-            if rows[0] and (s in chunks if g > 0 else pending >= _gpu.CHUNK_NUMEL or x.dtype != rows[0][0].dtype):
+            if rows[0] and (s in chunks if g > 0 else _gpu.ends_chunk(pending, x.dtype, rows[0][0].dtype)):
                 launch(s)
                 pending = 0
             if base is not None:

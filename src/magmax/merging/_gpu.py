@@ -33,6 +33,12 @@ CHUNK_NUMEL = 1 << 24
 """Entries per launch (tensors are grouped until they reach it): while the GPU merges one chunk, the host
 prepares the next (looking up every input's address costs about as long as the GPU's work)."""
 
+def ends_chunk(pending_numel: int, dtype: torch.dtype, chunk_dtype: torch.dtype) -> bool:
+    """Whether the chunk of tensors read so far (``pending_numel`` entries of ``chunk_dtype``) ends before a
+    tensor of ``dtype``: at ``CHUNK_NUMEL`` entries, and where the dtype changes (one dtype per launch)."""
+    return pending_numel >= CHUNK_NUMEL or dtype != chunk_dtype
+
+
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _AVAILABLE = importlib.util.find_spec("triton") is not None
 _disabled_after_error = False

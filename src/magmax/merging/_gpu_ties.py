@@ -40,7 +40,7 @@ class ResidentModel:
     """The T task inputs of every tensor, in memory on one device, tabled by chunks for the kernels."""
 
     def __init__(self, slices: Sequence[Sequence[Tensor]]):
-        """Chunks of consecutive tensors of one dtype, up to ``_gpu.CHUNK_NUMEL`` entries each."""
+        """Chunks of consecutive tensors of one dtype (``_gpu.ends_chunk``, as the folds chunk them)."""
         self.count = len(slices[0])
         self.shapes: list[torch.Size] = []
         self.chunks: list[_Chunk] = []
@@ -56,7 +56,7 @@ class ResidentModel:
                 self.device = inputs[0].device
             if (base is not None) != self.has_base:
                 raise _gpu.NotAccepted("some tensors come with θ0 and some without")
-            if rows[0] and inputs[0].dtype != rows[0][0].dtype:
+            if rows[0] and _gpu.ends_chunk(numel, inputs[0].dtype, rows[0][0].dtype):
                 self._close(rows, bases)
                 rows, bases, numel = [[] for _ in range(self.count)], [], 0
             if base is not None:
@@ -66,9 +66,6 @@ class ResidentModel:
             self._alive.append((inputs, base))  # the tables hold addresses: the tensors must outlive them
             self.shapes.append(inputs[0].shape)
             numel += inputs[0].numel()
-            if numel >= _gpu.CHUNK_NUMEL:
-                self._close(rows, bases)
-                rows, bases, numel = [[] for _ in range(self.count)], [], 0
         if rows[0]:
             self._close(rows, bases)
 
