@@ -23,6 +23,7 @@ import magmax
 from magmax.engine import DictReader, MergeRun
 from magmax.errors import ConfigError
 from magmax.merging import TaskSlices, _fused, create_method
+from magmax.merging.base import merge_all
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CORE = ["magmax", "average", "task_arithmetic", "random"]
@@ -398,3 +399,42 @@ def test_compiled_kernels_equal_eager_kernels_bit_for_bit(dtype):
     for name in CORE:
         for kind in ("merge", "taus", "list"):
             assert_state_dicts_bitwise_equal(results["always", name, kind], results["never", name, kind])
+
+
+def _constructible_methods() -> list[str]:
+    names = []
+    for name in magmax.registry():
+        try:
+            create_method(name)
+        except ConfigError:
+            continue  # needs options without defaults
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("name", _constructible_methods())
+def test_merge_tensors_hand_back_tensors_the_caller_may_overwrite(name, count):
+    # The engine writes θ0 + λ·τ* into τ*'s memory: a method must never return an input, a view of one,
+    # or a tensor it reads again (a second merge by the same method must not see the overwrite).
+    base = make_state_dict(31, SHAPES, buffers=False)
+    taus = task_vectors(base, make_finetuned(base, count, seed=32))
+    kept = [{k: v.clone() for k, v in tau.items()} for tau in taus]
+    keys = list(taus[0])
+    total = sum(taus[0][k].numel() for k in keys)
+    method = create_method(name)
+
+    def merge_every_key() -> dict[str, Tensor]:
+        return merge_all(method, keys, lambda key: TaskSlices.from_list(key, [tau[key] for tau in taus]), count, total)
+
+    first = merge_every_key()
+    want = {k: v.clone() for k, v in first.items()}
+    inputs = {tau[k].untyped_storage().data_ptr() for tau in taus for k in keys if tau[k].numel()}
+    outputs = [v.untyped_storage().data_ptr() for v in first.values() if v.numel()]
+    assert not inputs & set(outputs), "a merged tensor shares memory with an input"
+    assert len(set(outputs)) == len(outputs), "two merged tensors share memory"
+    for value in first.values():
+        value.fill_(float("nan"))
+    assert_state_dicts_bitwise_equal(merge_every_key(), want)
+    for tau, copy in zip(taus, kept):
+        assert_state_dicts_bitwise_equal(tau, copy)

@@ -355,7 +355,7 @@ class MergeRun:
                 for t, reader in enumerate(self.finetuned):
                     self._load(reader, t, key)
         for key, base_tensor, tau in zip(unit.keys, bases, taus):
-            merged = combine(base_tensor, tau, m.scale, self.out_dtype)
+            merged = combine(base_tensor, tau, m.scale, self.out_dtype, reuse_tau=True)
             yield key, merged.to(self.output_device)
         del bases, taus
 
@@ -378,7 +378,7 @@ class MergeRun:
         else:
             base_tensor = self._load_unit(self.base, -1, unit)
             tau = m.merge_tensor(unit.name, self.slices(unit.name, base_tensor))
-        merged = combine(base_tensor, tau, self.method.scale, self.out_dtype)
+        merged = combine(base_tensor, tau, self.method.scale, self.out_dtype, reuse_tau=True)
         del tau, base_tensor
         if len(unit.keys) == 1:
             yield unit.name, merged.to(self.output_device)

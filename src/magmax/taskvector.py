@@ -49,10 +49,31 @@ def apply_task_vector(
     return out
 
 
-def combine(base: Tensor, tau: Tensor, scale: float, dtype: torch.dtype | None = None) -> Tensor:
-    """θ0 + λ·τ in float32, cast to ``dtype`` (default: the base tensor's dtype)."""
-    merged = base.to(device=tau.device, dtype=COMPUTE_DTYPE).add(tau, alpha=scale)
+def combine(
+    base: Tensor, tau: Tensor, scale: float, dtype: torch.dtype | None = None, *, reuse_tau: bool = False
+) -> Tensor:
+    """θ0 + λ·τ in float32, cast to ``dtype`` (default: the base tensor's dtype).
+
+    ``reuse_tau``: the caller owns ``tau`` and will not read it again, so θ is written into its memory
+    (the same operation, so the same bits) when ``tau`` is all of its storage (merged tensors must not
+    share storage: safetensors refuses them). A fresh output costs more than the addition itself: the
+    first touch of each new page faults, about 60 ms per 345 MB on the CPU, against about 40 ms for the add.
+    """
+    base32 = base.to(device=tau.device, dtype=COMPUTE_DTYPE)
+    if reuse_tau and tau.dtype == COMPUTE_DTYPE and tau.shape == base32.shape and _owns_storage(tau):
+        merged = torch.add(base32, tau, alpha=scale, out=tau)
+    else:
+        merged = base32.add(tau, alpha=scale)
     return merged.to(dtype or base.dtype)
+
+
+def _owns_storage(tensor: Tensor) -> bool:
+    """Contiguous and the whole of its storage: not a view into a larger buffer."""
+    return (
+        tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
 
 
 def check_compatible(

@@ -193,12 +193,14 @@ class MergeMethod:
 
     # -- batch kernel ------------------------------------------------------------------------------
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        """τ* for one tensor from its T slices (float32, same shape)."""
+        """τ* for one tensor from its T slices (float32, same shape): a tensor of its own, which the caller
+        owns (the engine writes the merged model into it), never an input, a view of one or a state the
+        method reads again."""
         return self.result(self.fold(key, slices), key)
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         """τ* of several tensors (``slices[i]``: the T slices of ``keys[i]``); the same as
-        :meth:`merge_tensor` key by key, which is what the default does."""
+        :meth:`merge_tensor` key by key, which is what the default does (each result the caller's own)."""
         return [self.merge_tensor(key, s) for key, s in zip(keys, slices)]
 
 
