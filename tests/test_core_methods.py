@@ -260,11 +260,9 @@ def test_magmax_output_is_a_largest_magnitude_input_the_last_one(data, count, si
         assert bits(merged[p]) == bits(stacked[winners[-1], p]), (p, rows)
 
 
-def _constructible_foldable_methods() -> list[str]:
+def _constructible_methods() -> list[str]:
     names = []
-    for name, cls in magmax.registry().items():
-        if not cls.foldable:
-            continue
+    for name in magmax.registry():
         try:
             create_method(name)
         except ConfigError:
@@ -273,7 +271,8 @@ def _constructible_foldable_methods() -> list[str]:
     return names
 
 
-FOLDABLE = _constructible_foldable_methods()
+CONSTRUCTIBLE = _constructible_methods()
+FOLDABLE = [name for name in CONSTRUCTIBLE if magmax.registry()[name].foldable]
 
 
 def test_the_core_methods_are_foldable():
@@ -401,19 +400,8 @@ def test_compiled_kernels_equal_eager_kernels_bit_for_bit(dtype):
             assert_state_dicts_bitwise_equal(results["always", name, kind], results["never", name, kind])
 
 
-def _constructible_methods() -> list[str]:
-    names = []
-    for name in magmax.registry():
-        try:
-            create_method(name)
-        except ConfigError:
-            continue  # needs options without defaults
-        names.append(name)
-    return names
-
-
 @pytest.mark.parametrize("count", [1, 3])
-@pytest.mark.parametrize("name", _constructible_methods())
+@pytest.mark.parametrize("name", CONSTRUCTIBLE)
 def test_merge_tensors_hand_back_tensors_the_caller_may_overwrite(name, count):
     # The engine writes θ0 + λ·τ* into τ*'s memory: a method must never return an input, a view of one,
     # or a tensor it reads again (a second merge by the same method must not see the overwrite).

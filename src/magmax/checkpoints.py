@@ -37,10 +37,10 @@ import pickle
 import shutil
 import struct
 import tempfile
-import threading
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +52,7 @@ from torch import Tensor
 from magmax.engine import TensorMeta
 from magmax.errors import MergeInputError
 from magmax.memory import release_pages
+from magmax.thread_slot import ThreadSlot
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -224,19 +225,12 @@ class ReadBuffers:
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
-_read_buffers = threading.local()
+_read_buffers: ThreadSlot[ReadBuffers] = ThreadSlot()
 
 
-@contextlib.contextmanager
-def recycled_read_buffers(nbytes: int, count: int) -> Iterator[ReadBuffers]:
+def recycled_read_buffers(nbytes: int, count: int) -> AbstractContextManager[ReadBuffers]:
     """Within the block, safetensors reads of this thread go into :class:`ReadBuffers` (released after)."""
-    pool = ReadBuffers(nbytes, count)
-    previous = getattr(_read_buffers, "pool", None)
-    _read_buffers.pool = pool
-    try:
-        yield pool
-    finally:
-        _read_buffers.pool = previous
+    return _read_buffers.holding(ReadBuffers(nbytes, count))
 
 
 class SafetensorsReader(CheckpointReader):
@@ -268,7 +262,7 @@ class SafetensorsReader(CheckpointReader):
         span = self._spans[key]
         if self._file is None:
             raise ValueError(f"{self.name} is closed")
-        pool = getattr(_read_buffers, "pool", None)
+        pool = _read_buffers.get()
         data = pool.take(span.nbytes) if pool is not None else torch.empty(span.nbytes, dtype=torch.uint8)
         view = memoryview(data.numpy())
         done = 0

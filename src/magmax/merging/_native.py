@@ -26,14 +26,16 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from magmax.thread_slot import ThreadSlot
 
 log = logging.getLogger(__name__)
 
@@ -159,24 +161,17 @@ class FiniteWatch:
         return self.finite and self.base and self.inputs == count
 
 
-_local = threading.local()
+_watch: ThreadSlot[FiniteWatch] = ThreadSlot()
 
 
-@contextmanager
-def finite_watch() -> Iterator[FiniteWatch]:
+def finite_watch() -> AbstractContextManager[FiniteWatch]:
     """Collect, in this thread, the NaN/Inf verdicts of the native folds (they compute one in passing)."""
-    watch = FiniteWatch()
-    previous = getattr(_local, "watch", None)
-    _local.watch = watch
-    try:
-        yield watch
-    finally:
-        _local.watch = previous
+    return _watch.holding(FiniteWatch())
 
 
 def _report(finite: int, numel: int, inputs: int, has_base: bool) -> None:
     """A fold formed ``inputs`` τ's and found ``finite`` of its ``numel`` entries all finite."""
-    watch = getattr(_local, "watch", None)
+    watch = _watch.get()
     if watch is not None:
         watch.inputs += inputs
         watch.base = watch.base or has_base
