@@ -312,7 +312,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="2,10,50", help="comma-separated T values")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated registry names")
     p.add_argument("--distinct", type=int, default=4, help="distinct task vectors, reused cyclically")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per cell, median (default 3, or 2 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per cell, median (default 5, or 2 with --quick)")
     p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a cell once it would exceed this")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compiled", action="store_true", help="skip the torch.compile column")
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     layers = args.layers if args.layers is not None else (1 if args.quick else 12)
     width = args.width if args.width is not None else (256 if args.quick else 768)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 3
+        args.repeats = 2 if args.quick else 5
     if args.quick and not args.compiled:
         args.no_compiled = True
     shapes = vit_b16_visual_shapes(layers=layers, width=width)
@@ -362,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + written); floor(T) = (T+1)·P·4 B / bandwidth")
     sys.stdout.flush()
 
+    warm_up(methods, tasks, device, e2e=not args.no_e2e)
     rows: list[Row] = []
     last_eager: dict[str, tuple[int, float]] = {}  # method -> (T, seconds of one eager call)
     for count in tasks:
@@ -423,6 +424,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print_table(rows)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+
+
+def warm_up(methods: Sequence[str], tasks: Sequence[int], device: torch.device, e2e: bool) -> None:
+    """One untimed call of every method at every T on a small model (1.2M parameters), so that the
+    measured cells do not include one-time costs: loading numba's cached machine code (or compiling it,
+    the first time on a machine), Triton's compiles on a GPU, starting thread pools. Those landed in the
+    first cell's time and peak memory (+117 MB at magmax T = 2 in session 4's tables)."""
+    small = build_inputs(vit_b16_visual_shapes(layers=1, width=256), min(max(tasks), 4), device)
+    _fused.set_compile_mode("never")
+    for count in tasks:
+        for name in methods:
+            merge_task_vectors(magmax.create_method(name), small.taus(count))
+            if e2e:
+                magmax.merge(name, small.base, small.finetuned(count), device=device)
+    synchronize(device)
 
 
 @contextmanager

@@ -304,3 +304,21 @@ def test_grouped_native_passes_equal_the_single_call(method, count, task_threads
     run.run(writer)
     for key, value in want.items():
         assert torch.equal(writer.state[key], value), key
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_the_sum_fold_divides_by_the_count_in_its_own_pass(count):
+    # The mean's division happens inside the last group (no pass over the result after it), correctly
+    # rounded: the same bits as the sum followed by mean_of_sum's division by a 0-d tensor.
+    gen = torch.Generator().manual_seed(40)
+    base = torch.randn(70_001, generator=gen)
+    inputs = [base + torch.randn(70_001, generator=gen) * 0.1 for _ in range(count)]
+    want = inputs[0] - base
+    for x in inputs[1:]:
+        want = want + (x - base)
+    want = _fused.mean_of_sum(want, count)
+    state = torch.empty_like(base)
+    assert _native.sum_group(state, base, inputs, True, True, None, _fused.GROUP, count) is True
+    assert bitwise_equal(state, want)
+    assert _native.sum_group(state, base, inputs, True, True, None, _fused.GROUP, None) is False
+    assert not bitwise_equal(state, want)

@@ -154,9 +154,20 @@ def tau_of(scratch: Tensor, x: Tensor, base32: Tensor | None) -> Tensor:
 # -- running a fold ----------------------------------------------------------------------------------
 
 
-def fold_slices(kernel: GroupKernel, slices: Sequence[Tensor], params: ParamsFn | None = None) -> Tensor:
-    """The fold of a tensor's T slices (``TaskSlices`` hand over unformed τ; a plain list is taken as τ)."""
-    return fold_operands(kernel, _operands_of(slices), len(slices), params)
+def fold_slices(
+    kernel: GroupKernel, slices: Sequence[Tensor], params: ParamsFn | None = None, divide: bool = False
+) -> Tensor:
+    """The fold of a tensor's T slices (``TaskSlices`` hand over unformed τ; a plain list is taken as τ);
+    ``divide``: divided by T (:func:`mean_of_sum`), in the fold's last pass where the kernel can."""
+    return fold_operands(kernel, _operands_of(slices), len(slices), params, divide)
+
+
+def mean_of_sum(total: Tensor, count: int) -> Tensor:
+    """total / T in place, dividing by a 0-d tensor on the device, not a Python number: CUDA divides by
+    a scalar as a multiplication by its reciprocal (and Triton's division is not correctly rounded),
+    while the mean must be the same on every device. Outside any (possibly compiled) kernel for that;
+    the numba sum fold and the Triton one divide in their last pass, correctly rounded too."""
+    return total.div_(torch.tensor(float(count), device=total.device))
 
 
 def fold_many(
@@ -302,8 +313,10 @@ def fold_operands(
     operands: Callable[[int], tuple[Tensor, Tensor | None]],
     count: int,
     params: ParamsFn | None = None,
+    divide: bool = False,
 ) -> Tensor:
-    """The fold of ``count`` inputs (``operands(t)`` = (x_t, θ0 or None)) as a new float32 tensor of x's shape."""
+    """The fold of ``count`` inputs (``operands(t)`` = (x_t, θ0 or None)) as a new float32 tensor of x's
+    shape; ``divide``: divided by ``count``."""
     if count < 1:
         raise ValueError("a fold needs at least one input")
     state: Tensor | None = None
@@ -311,7 +324,8 @@ def fold_operands(
         if state is None:
             state = torch.empty(xs[0].numel(), dtype=_F32, device=xs[0].device)
         rows = params(start, stop - start, count) if params is not None else None
-        run_group(kernel, state, base, xs, start == 0, stop == count, rows)
+        last = stop == count
+        run_group(kernel, state, base, xs, start == 0, last, rows, count if divide and last else None)
         del xs, base
     assert state is not None
     return state.view(shape)
@@ -334,49 +348,57 @@ def run_group(
     first: bool,
     last: bool,
     params: Tensor | None,
+    divisor: int | None = None,
 ) -> None:
     """Apply ``kernel`` to flat, equally long tensors: by its numba twin on CPU when it has one and the
-    inputs suit it (:mod:`magmax.merging._native`), compiled when :func:`_use_compiled` says so, else chunked."""
-    numel = state.shape[0]
+    inputs suit it (:mod:`magmax.merging._native`), compiled when :func:`_use_compiled` says so, else
+    chunked; then divide the state by ``divisor`` (:func:`mean_of_sum`) unless the numba kernel did."""
     if params is not None:
         params = params.to(state.device)
+    divided = False
     group = getattr(kernel, "native", None)
+    ran = False
     if group is not None and _native.enabled() and _native.accepts(state, base, inputs, GROUP):
         try:
-            group(state, base, inputs, first, last, params, GROUP)
-            return
+            divided = group(state, base, inputs, first, last, params, GROUP, divisor)
+            ran = True
         except Exception as exc:  # a native kernel is an optimisation: fall back to the torch kernel
             _native.disable(exc)
-    if _use_compiled(numel, state.device):
+    numel = state.shape[0]
+    if not ran and _use_compiled(numel, state.device):
         try:
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 _compiled(kernel, first, last, len(inputs))(state, base, params, *inputs)
-            return
+            ran = True
         except Exception as exc:  # compiling is an optimisation: any failure falls back to eager, for good
             _disable_compile(exc)
-    began = time.perf_counter()
-    if state.device.type != "cpu":  # one chunk: a GPU runs each op over the whole tensor
-        _run_chunks(kernel, state, base, inputs, first, last, params, 0, numel, max(numel, 1))
-    else:
-        chunk = CHUNK
-        chunks = -(-numel // chunk)
-        workers = min(torch.get_num_threads(), chunks)
-        if workers <= 1:
-            _run_chunks(kernel, state, base, inputs, first, last, params, 0, numel, chunk)
+    if not ran:  # eagerly: one chunk on a GPU; on CPU cache-sized chunks over threads of our own
+        began = time.perf_counter()
+        if state.device.type != "cpu":  # a GPU runs each op over the whole tensor
+            _run_chunks(kernel, state, base, inputs, first, last, params, 0, numel, max(numel, 1))
         else:
-            # ATen runs ops of <= 32768 elements on the calling thread, so chunks are spread over
-            # threads of our own (ops release the GIL); one join per group, not an OpenMP barrier per op.
-            per_worker = -(-chunks // workers) * chunk
-            jobs = [
-                _executor(workers).submit(
-                    _run_chunks, kernel, state, base, inputs, first, last, params, lo, min(lo + per_worker, numel), chunk
-                )
-                for lo in range(0, numel, per_worker)
-            ]
-            for job in jobs:
-                job.result()
-    global _eager_seconds
-    _eager_seconds += time.perf_counter() - began
+            chunk = CHUNK
+            chunks = -(-numel // chunk)
+            workers = min(torch.get_num_threads(), chunks)
+            if workers <= 1:
+                _run_chunks(kernel, state, base, inputs, first, last, params, 0, numel, chunk)
+            else:
+                # ATen runs ops of <= 32768 elements on the calling thread, so chunks are spread over
+                # threads of our own (ops release the GIL); one join per group, not an OpenMP barrier per op.
+                per_worker = -(-chunks // workers) * chunk
+                jobs = [
+                    _executor(workers).submit(
+                        _run_chunks, kernel, state, base, inputs, first, last, params, lo,
+                        min(lo + per_worker, numel), chunk,
+                    )
+                    for lo in range(0, numel, per_worker)
+                ]
+                for job in jobs:
+                    job.result()
+        global _eager_seconds
+        _eager_seconds += time.perf_counter() - began
+    if divisor is not None and not divided:
+        mean_of_sum(state, divisor)
 
 
 def _run_chunks(

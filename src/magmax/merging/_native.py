@@ -45,7 +45,9 @@ _AVAILABLE = importlib.util.find_spec("numba") is not None
 _disabled_after_error = False
 _module: ModuleType | None = None
 
-NativeGroup = Callable[[Tensor, "Tensor | None", Sequence[Tensor], bool, bool, "Tensor | None", int], None]
+NativeGroup = Callable[[Tensor, "Tensor | None", Sequence[Tensor], bool, bool, "Tensor | None", int, "int | None"], bool]
+"""``group(state, θ0, inputs, first, last, params, group size, divisor)`` → whether it divided the state
+by ``divisor`` (a group that does not leaves that to the caller)."""
 
 
 def enabled() -> bool:
@@ -178,28 +180,35 @@ def _report(finite: int, numel: int, inputs: int, has_base: bool) -> None:
         watch.finite = watch.finite and finite == numel
 
 
-def _fold_group(fold: str) -> NativeGroup:
-    """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest)``."""
+def _fold_group(fold: str, divides: bool = False) -> NativeGroup:
+    """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest)`` (and
+    the divisor, for a fold that ``divides``)."""
 
-    def group(state, base, inputs, first, last, params, group) -> None:
+    def group(state, base, inputs, first, last, params, group, divisor=None) -> bool:
         if first and len(inputs) == 1:
-            return _tau_only(state, base, inputs[0])
+            _tau_only(state, base, inputs[0])
+            return False
         s, b, has_base, x0, xs = _common(state, base, inputs, first)
         kernel = getattr(_kernels(), fold)
         with _threads():
-            finite = kernel(s, b, has_base, first, x0, xs)
+            if divides:
+                finite = kernel(s, b, has_base, first, x0, xs, np.float32(divisor or 0))
+            else:
+                finite = kernel(s, b, has_base, first, x0, xs)
         _report(int(finite), s.shape[0], len(inputs), has_base)
+        return divides and divisor is not None
 
     return group
 
 
 magmax_group = _fold_group("magmax_fold")
-sum_group = _fold_group("sum_fold")
+sum_group = _fold_group("sum_fold", divides=True)
 
 
-def random_group(state, base, inputs, first, last, params, group) -> None:
+def random_group(state, base, inputs, first, last, params, group, divisor=None) -> bool:
     if first and len(inputs) == 1:
-        return _tau_only(state, base, inputs[0])
+        _tau_only(state, base, inputs[0])
+        return False
     s, b, has_base, x0, xs = _common(state, base, inputs, first)
     rows = params.numpy()[1:] if first else params.numpy()
     keys = rows[:, 0].astype(np.uint32)
@@ -207,6 +216,7 @@ def random_group(state, base, inputs, first, last, params, group) -> None:
     k = _kernels()
     with _threads():
         k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0)
+    return False
 
 
 # -- TIES ------------------------------------------------------------------------------------------

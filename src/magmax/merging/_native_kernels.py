@@ -98,14 +98,17 @@ def magmax_fold(state, base, has_base, first, x0, xs):  # pragma: no cover - com
 # -- Σ τ_t (task arithmetic, averaging) ---------------------------------------------------------
 
 @njit(parallel=True, cache=True, nogil=True)
-def sum_fold(state, base, has_base, first, x0, xs):  # pragma: no cover - compiled
+def sum_fold(state, base, has_base, first, x0, xs, divisor):  # pragma: no cover - compiled
+    # divisor > 0: the group ends the mean, state = Σ / divisor (one correctly rounded float32
+    # division, as ``mean_of_sum``), in the same pass instead of one more over the result.
     finite = 0
+    divide = divisor > 0
     for i in prange(state.shape[0]):
         b = f32(base[i]) if has_base else np.float32(0.0)
         total = f32(x0[i]) - b if first else state[i]
         for x in xs:
             total = total + (f32(x[i]) - b)
-        state[i] = total
+        state[i] = total / divisor if divide else total
         finite += np.int32(abs(total) < np.inf)  # a NaN/Inf term makes the sum NaN/Inf
     return finite
 

@@ -16,15 +16,9 @@ import torch
 from torch import Tensor
 
 from magmax.merging import _fused
+from magmax.merging._fused import mean_of_sum
 from magmax.merging.base import MergeMethod, register
 from magmax.merging.task_arithmetic import sum_kernel
-
-
-def mean_of_sum(total: Tensor, count: int) -> Tensor:
-    """total / T in place, dividing by a 0-d tensor on the device, not a Python number: CUDA divides by
-    a scalar as a multiplication by its reciprocal (and Triton's division is not correctly rounded),
-    while the mean must be the same on every device. Outside any (possibly compiled) kernel for that."""
-    return total.div_(torch.tensor(float(count), device=total.device))
 
 
 @register
@@ -50,7 +44,7 @@ class Average(MergeMethod):
         return mean_of_sum(total.clone(), count)
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        return mean_of_sum(_fused.fold_slices(sum_kernel, slices), len(slices))
+        return _fused.fold_slices(sum_kernel, slices, divide=True)
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         # The GPU kernel divides by T itself, correctly rounded, as mean_of_sum does.
