@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 import magmax
 from magmax.merging import _fused, _native
+from magmax.taskvector import add_scaled
 
 pytestmark = pytest.mark.skipif(not _native.enabled(), reason="numba is not importable here")
 
@@ -306,19 +308,49 @@ def test_grouped_native_passes_equal_the_single_call(method, count, task_threads
         assert torch.equal(writer.state[key], value), key
 
 
+@pytest.mark.parametrize("scale", [None, 0.55])
+@pytest.mark.parametrize("divide", [False, True])
 @pytest.mark.parametrize("count", [2, 5])
-def test_the_sum_fold_divides_by_the_count_in_its_own_pass(count):
-    # The mean's division happens inside the last group (no pass over the result after it), correctly
-    # rounded: the same bits as the sum followed by mean_of_sum's division by a 0-d tensor.
+def test_the_sum_fold_finishes_the_merge_in_its_own_pass(count, divide, scale):
+    # The mean's division and θ0 + λ·τ* happen inside the last group (no pass over the result after
+    # it), with the same bits as mean_of_sum's division by a 0-d tensor and torch.add(θ0, τ*, alpha=λ).
     gen = torch.Generator().manual_seed(40)
     base = torch.randn(70_001, generator=gen)
     inputs = [base + torch.randn(70_001, generator=gen) * 0.1 for _ in range(count)]
     want = inputs[0] - base
     for x in inputs[1:]:
         want = want + (x - base)
-    want = _fused.mean_of_sum(want, count)
+    if divide:
+        want = _fused.mean_of_sum(want, count)
+    if scale is not None:
+        want = add_scaled(base, want, scale)
     state = torch.empty_like(base)
-    assert _native.sum_group(state, base, inputs, True, True, None, _fused.GROUP, count) is True
+    assert _native.sum_group(state, base, inputs, True, True, None, _fused.GROUP, count if divide else None, scale)
     assert bitwise_equal(state, want)
-    assert _native.sum_group(state, base, inputs, True, True, None, _fused.GROUP, None) is False
-    assert not bitwise_equal(state, want)
+
+
+@pytest.mark.parametrize("method", FOLDS)
+@pytest.mark.parametrize("rounding", ["fused", "separate"])
+def test_folds_add_the_base_as_torch_add_rounds_it(method, rounding, monkeypatch):
+    # On CPUs whose ATen kernels use FMA, θ0 + λ·τ* is rounded once; on others twice. The folds ask torch
+    # which (add_rounding) and match it; here both are forced, against torch.add written out each way.
+    kernels = _native._kernels()
+    monkeypatch.setattr(_native, "_ADD_ROUNDING", kernels.ADD_FUSED if rounding == "fused" else kernels.ADD_SEPARATE)
+    base = make_state_dict(41, SHAPES)
+    fts = make_finetuned(base, 3, seed=42)
+    method_obj = magmax.create_method(method)
+    scale = np.float32(method_obj.scale)
+    got = magmax.merge(method, base, fts)
+    merger = magmax.Merger(method, base)
+    for ft in fts:
+        merger.add(ft)
+    tau = merger.task_vector()
+    for key, value in tau.items():
+        b = base[key].float()
+        if rounding == "fused":
+            fused = np.empty(value.numel(), np.float32)
+            kernels.add_scaled_fused(fused, b.reshape(-1).numpy(), value.reshape(-1).numpy(), scale)
+            want = torch.from_numpy(fused).view(value.shape)
+        else:
+            want = b + value * float(scale)
+        assert bitwise_equal(got[key], want.to(base[key].dtype)), key

@@ -363,23 +363,21 @@ class MergeRun:
         if self._by_segments(unit):
             yield from self._merge_segments(unit)
             return
-        m = self.method
         if self._checked_in_passing(unit):
             # The native folds tell whether every τ entry was finite as they read the inputs, which saves
             # the NaN/Inf pass (as long as the merge); the explicit check runs (reading the inputs again)
             # when they could not vouch for all of them, before anything is yielded.
             with _native.finite_watch() as watch:
                 base_tensor = self._load_unit(self.base, -1, unit, check=False)
-                tau = m.merge_tensor(unit.name, self.slices(unit.name, base_tensor, check=False))
+                merged = self._merged(unit.name, self.slices(unit.name, base_tensor, check=False), base_tensor)
             if not watch.proves_finite(len(self.finetuned)):
                 self._load_unit(self.base, -1, unit)
                 for t, reader in enumerate(self.finetuned):
                     self._load_unit(reader, t, unit)
         else:
             base_tensor = self._load_unit(self.base, -1, unit)
-            tau = m.merge_tensor(unit.name, self.slices(unit.name, base_tensor))
-        merged = combine(base_tensor, tau, self.method.scale, self.out_dtype, reuse_tau=True)
-        del tau, base_tensor
+            merged = self._merged(unit.name, self.slices(unit.name, base_tensor), base_tensor)
+        del base_tensor
         if len(unit.keys) == 1:
             yield unit.name, merged.to(self.output_device)
             return
@@ -391,6 +389,14 @@ class MergeRun:
             part = merged[offset : offset + meta.numel].view(meta.shape)
             yield key, part.to(self.output_device, copy=True)
             offset += meta.numel
+
+    def _merged(self, name: str, slices: TaskSlices, base_tensor: Tensor) -> Tensor:
+        """θ0 + λ·τ* of one unit in the output dtype: added by the method's kernel where it can, else here."""
+        m = self.method
+        merged = m.merge_into_base(name, slices, m.scale)
+        if merged is not None:
+            return merged.to(self.out_dtype or base_tensor.dtype)
+        return combine(base_tensor, m.merge_tensor(name, slices), m.scale, self.out_dtype, reuse_tau=True)
 
     def run(self, writer: TensorWriter, progress: Callable[[str, int], None] | None = None) -> MergeStats:
         stats = MergeStats()

@@ -59,12 +59,15 @@ def combine(
     share storage: safetensors refuses them). A fresh output costs more than the addition itself: the
     first touch of each new page faults, about 60 ms per 345 MB on the CPU, against about 40 ms for the add.
     """
-    base32 = base.to(device=tau.device, dtype=COMPUTE_DTYPE)
-    if reuse_tau and tau.dtype == COMPUTE_DTYPE and tau.shape == base32.shape and _owns_storage(tau):
-        merged = torch.add(base32, tau, alpha=scale, out=tau)
-    else:
-        merged = base32.add(tau, alpha=scale)
-    return merged.to(dtype or base.dtype)
+    reuse = reuse_tau and tau.dtype == COMPUTE_DTYPE and tau.shape == base.shape and _owns_storage(tau)
+    return add_scaled(base, tau, scale, out=tau if reuse else None).to(dtype or base.dtype)
+
+
+def add_scaled(base: Tensor, tau: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """θ0 + λ·τ in float32 by ``torch.add(θ0, τ, alpha=λ)``: the one spelling of it, which the numba folds
+    match when they add θ0 themselves (:func:`magmax.merging._native.add_rounding`: one FMA on CPUs
+    whose ATen kernels use it, two roundings on others). ``out`` may be ``tau``."""
+    return torch.add(base.to(device=tau.device, dtype=COMPUTE_DTYPE), tau, alpha=scale, out=out)
 
 
 def _owns_storage(tensor: Tensor) -> bool:

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from magmax.errors import ConfigError
 from magmax.merging import _gpu, _native
+from magmax.taskvector import add_scaled
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +156,17 @@ def tau_of(scratch: Tensor, x: Tensor, base32: Tensor | None) -> Tensor:
 
 
 def fold_slices(
-    kernel: GroupKernel, slices: Sequence[Tensor], params: ParamsFn | None = None, divide: bool = False
+    kernel: GroupKernel,
+    slices: Sequence[Tensor],
+    params: ParamsFn | None = None,
+    divide: bool = False,
+    scale: float | None = None,
 ) -> Tensor:
     """The fold of a tensor's T slices (``TaskSlices`` hand over unformed τ; a plain list is taken as τ);
-    ``divide``: divided by T (:func:`mean_of_sum`), in the fold's last pass where the kernel can."""
-    return fold_operands(kernel, _operands_of(slices), len(slices), params, divide)
+    ``divide``: divided by T (:func:`mean_of_sum`); ``scale``: the merged model θ0 + scale·τ* instead of
+    τ* (:func:`magmax.taskvector.add_scaled`; only for slices formed from θ0). Both in the fold's last
+    pass where its kernel can, else after it."""
+    return fold_operands(kernel, _operands_of(slices), len(slices), params, divide, scale)
 
 
 def mean_of_sum(total: Tensor, count: int) -> Tensor:
@@ -314,18 +321,22 @@ def fold_operands(
     count: int,
     params: ParamsFn | None = None,
     divide: bool = False,
+    scale: float | None = None,
 ) -> Tensor:
     """The fold of ``count`` inputs (``operands(t)`` = (x_t, θ0 or None)) as a new float32 tensor of x's
-    shape; ``divide``: divided by ``count``."""
+    shape; ``divide``: divided by ``count``; ``scale``: θ0 + scale·(that) (needs θ0)."""
     if count < 1:
         raise ValueError("a fold needs at least one input")
     state: Tensor | None = None
     for start, stop, base, xs, shape in groups(operands, count):
         if state is None:
             state = torch.empty(xs[0].numel(), dtype=_F32, device=xs[0].device)
+        if scale is not None and base is None:
+            raise ValueError("θ0 + λ·τ* needs slices formed from θ0 (TaskSlices over checkpoints)")
         rows = params(start, stop - start, count) if params is not None else None
         last = stop == count
-        run_group(kernel, state, base, xs, start == 0, last, rows, count if divide and last else None)
+        run_group(kernel, state, base, xs, start == 0, last, rows, count if divide and last else None,
+                  scale if last else None)
         del xs, base
     assert state is not None
     return state.view(shape)
@@ -349,18 +360,20 @@ def run_group(
     last: bool,
     params: Tensor | None,
     divisor: int | None = None,
+    scale: float | None = None,
 ) -> None:
     """Apply ``kernel`` to flat, equally long tensors: by its numba twin on CPU when it has one and the
     inputs suit it (:mod:`magmax.merging._native`), compiled when :func:`_use_compiled` says so, else
-    chunked; then divide the state by ``divisor`` (:func:`mean_of_sum`) unless the numba kernel did."""
+    chunked. Then, unless the numba kernel did it in the same pass, divide the state by ``divisor``
+    (:func:`mean_of_sum`) and make it θ0 + scale·state (:func:`add_scaled`, θ0 = ``base``)."""
     if params is not None:
         params = params.to(state.device)
-    divided = False
+    finished = False
     group = getattr(kernel, "native", None)
     ran = False
     if group is not None and _native.enabled() and _native.accepts(state, base, inputs, GROUP):
         try:
-            divided = group(state, base, inputs, first, last, params, GROUP, divisor)
+            finished = group(state, base, inputs, first, last, params, GROUP, divisor, scale)
             ran = True
         except Exception as exc:  # a native kernel is an optimisation: fall back to the torch kernel
             _native.disable(exc)
@@ -397,8 +410,12 @@ def run_group(
                     job.result()
         global _eager_seconds
         _eager_seconds += time.perf_counter() - began
-    if divisor is not None and not divided:
-        mean_of_sum(state, divisor)
+    if not finished:
+        if divisor is not None:
+            mean_of_sum(state, divisor)
+        if scale is not None:
+            assert base is not None
+            add_scaled(base, state, scale, out=state)
 
 
 def _run_chunks(

@@ -45,9 +45,10 @@ _AVAILABLE = importlib.util.find_spec("numba") is not None
 _disabled_after_error = False
 _module: ModuleType | None = None
 
-NativeGroup = Callable[[Tensor, "Tensor | None", Sequence[Tensor], bool, bool, "Tensor | None", int, "int | None"], bool]
-"""``group(state, θ0, inputs, first, last, params, group size, divisor)`` → whether it divided the state
-by ``divisor`` (a group that does not leaves that to the caller)."""
+NativeGroup = Callable[..., bool]
+"""``group(state, θ0, inputs, first, last, params, group size, divisor=None, scale=None)`` → whether it
+finished the fold as asked: divided the state by ``divisor``, then wrote θ0 + scale·state (as
+:func:`magmax.taskvector.add_scaled` rounds it). All of it or none: on False the caller does both."""
 
 
 def enabled() -> bool:
@@ -180,23 +181,66 @@ def _report(finite: int, numel: int, inputs: int, has_base: bool) -> None:
         watch.finite = watch.finite and finite == numel
 
 
-def _fold_group(fold: str, divides: bool = False) -> NativeGroup:
-    """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest)`` (and
-    the divisor, for a fold that ``divides``)."""
+_ADD_ROUNDING: int | None = None
 
-    def group(state, base, inputs, first, last, params, group, divisor=None) -> bool:
+
+def add_rounding() -> int | None:
+    """How ``torch.add(θ0, τ, alpha=λ)`` rounds in this process's CPU kernels: ``ADD_FUSED`` (once, an
+    FMA: ATen's AVX2 and AVX-512 kernels) or ``ADD_SEPARATE`` (λ·τ rounded, then the sum: its default
+    kernels). Found once by asking torch, on lengths that exercise vectorised bodies, scalar tails and
+    a split over threads; None if it did neither throughout (then the folds never add θ0 themselves)."""
+    global _ADD_ROUNDING
+    if _ADD_ROUNDING is None:
+        k = _kernels()
+        gen = torch.Generator().manual_seed(0)
+        scale = np.float32(0.55)
+        matches = {k.ADD_FUSED: True, k.ADD_SEPARATE: True}
+        for n in (*range(1, 40), 1000, 70_001):
+            base, tau = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+            got = base.add(tau, alpha=float(scale)).numpy().view(np.int32)
+            fused = np.empty(n, np.float32)
+            k.add_scaled_fused(fused, base.numpy(), tau.numpy(), scale)
+            separate = (base + tau * float(scale)).numpy()
+            matches[k.ADD_FUSED] &= bool((got == fused.view(np.int32)).all())
+            matches[k.ADD_SEPARATE] &= bool((got == separate.view(np.int32)).all())
+        found = [rounding for rounding, ok in matches.items() if ok]
+        _ADD_ROUNDING = found[0] if len(found) == 1 else -1
+    return None if _ADD_ROUNDING < 0 else _ADD_ROUNDING
+
+
+def _finish_of(has_base: bool, scale: float | None) -> tuple[int, np.float32] | None:
+    """(finish, λ) for a fold kernel: KEEP_TAU without ``scale``; None where it cannot add θ0 as torch does."""
+    k = _kernels()
+    if scale is None:
+        return k.KEEP_TAU, np.float32(0.0)
+    rounding = add_rounding()
+    if not has_base or rounding is None:
+        return None
+    return rounding, np.float32(scale)
+
+
+def _fold_group(fold: str, divides: bool = False) -> NativeGroup:
+    """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest, [divisor,]
+    finish, λ)``; a fold that ``divides`` can end a mean."""
+
+    def group(state, base, inputs, first, last, params, group, divisor=None, scale=None) -> bool:
+        asked = divisor is not None or scale is not None
         if first and len(inputs) == 1:
             _tau_only(state, base, inputs[0])
-            return False
+            return not asked
         s, b, has_base, x0, xs = _common(state, base, inputs, first)
+        finish = _finish_of(has_base, scale)
+        done = finish is not None and (divisor is None or divides)
+        if not done:  # all of the finish or none of it: the caller does it
+            finish, divisor = _finish_of(has_base, None), None
         kernel = getattr(_kernels(), fold)
         with _threads():
             if divides:
-                finite = kernel(s, b, has_base, first, x0, xs, np.float32(divisor or 0))
+                finite = kernel(s, b, has_base, first, x0, xs, np.float32(divisor or 0), *finish)
             else:
-                finite = kernel(s, b, has_base, first, x0, xs)
+                finite = kernel(s, b, has_base, first, x0, xs, *finish)
         _report(int(finite), s.shape[0], len(inputs), has_base)
-        return divides and divisor is not None
+        return done
 
     return group
 
@@ -205,18 +249,19 @@ magmax_group = _fold_group("magmax_fold")
 sum_group = _fold_group("sum_fold", divides=True)
 
 
-def random_group(state, base, inputs, first, last, params, group, divisor=None) -> bool:
+def random_group(state, base, inputs, first, last, params, group, divisor=None, scale=None) -> bool:
     if first and len(inputs) == 1:
         _tau_only(state, base, inputs[0])
-        return False
+        return divisor is None and scale is None
     s, b, has_base, x0, xs = _common(state, base, inputs, first)
+    finish = _finish_of(has_base, scale) if divisor is None else None  # a random pick is never divided
     rows = params.numpy()[1:] if first else params.numpy()
     keys = rows[:, 0].astype(np.uint32)
     thresholds = rows[:, 1].astype(np.uint32)  # ⌈2^32/(t+1)⌉ − 1 < 2^32
     k = _kernels()
     with _threads():
-        k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0)
-    return False
+        k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0, *(finish or _finish_of(has_base, None)))
+    return finish is not None
 
 
 # -- TIES ------------------------------------------------------------------------------------------

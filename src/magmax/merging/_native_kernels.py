@@ -7,6 +7,7 @@ disk (``cache=True``). ``# pragma: no cover``: coverage cannot see inside compil
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
@@ -32,6 +33,44 @@ def _pointer(typingctx, address, like):  # pragma: no cover - compiled
         return builder.inttoptr(args[0], context.get_value_type(pointer))
 
     return sig, codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
+    """a·b + c rounded once (LLVM's llvm.fma.f32: one vfmadd on a CPU with FMA)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fma, args)
+
+    return sig, codegen
+
+
+KEEP_TAU = 0
+"""``finish`` of a fold: write τ* itself."""
+ADD_FUSED = 1
+"""``finish``: write θ = θ0 + λ·τ* rounded once (an FMA), as torch.add(θ0, τ*, alpha=λ) does on CPUs
+whose ATen kernels use FMA (AVX2, AVX-512)."""
+ADD_SEPARATE = 2
+"""``finish``: write θ = θ0 + round(λ·τ*), as that torch.add does on CPUs without (ATen's default kernels)."""
+
+
+@njit(inline="always", cache=True)
+def _finish(value, b, finish, scale):  # pragma: no cover - compiled
+    if finish == ADD_FUSED:
+        return _fma(value, scale, b)
+    if finish == ADD_SEPARATE:
+        return b + value * scale
+    return value
+
+
+@njit(cache=True)
+def add_scaled_fused(out, base, tau, scale):  # pragma: no cover - compiled
+    """out = θ0 + λ·τ rounded once (what ADD_FUSED writes), for ``_native.add_rounding``'s question."""
+    for i in range(out.shape[0]):
+        out[i] = _fma(tau[i], scale, base[i])
 
 
 @njit(inline="always", cache=True)
@@ -76,8 +115,13 @@ def _load_base(base, has_base, lo, m, out):  # pragma: no cover - compiled
 # the merge. The count is an integer reduction (LLVM vectorises those, not float ones without
 # fast-math). The random fold has none: its hash loop is compute-bound, and the probe slowed it 1.4x.
 
+#
+# A fold's last group may write the merged model instead of τ*: ``finish`` (KEEP_TAU, ADD_FUSED or
+# ADD_SEPARATE, with λ = ``scale``) applied to each entry as it is stored, where θ0 is at hand already,
+# instead of one more pass over τ* and θ0 afterwards.
+
 @njit(parallel=True, cache=True, nogil=True)
-def magmax_fold(state, base, has_base, first, x0, xs):  # pragma: no cover - compiled
+def magmax_fold(state, base, has_base, first, x0, xs, finish, scale):  # pragma: no cover - compiled
     finite = 0
     for i in prange(state.shape[0]):
         b = f32(base[i]) if has_base else np.float32(0.0)
@@ -91,14 +135,14 @@ def magmax_fold(state, base, has_base, first, x0, xs):  # pragma: no cover - com
             take = a >= mag  # ties go to the later task, as the reference fold
             best = v if take else best
             mag = a if take else mag
-        state[i] = best
+        state[i] = _finish(best, b, finish, scale)
         finite += np.int32(abs(probe) < np.inf)
     return finite
 
 # -- Σ τ_t (task arithmetic, averaging) ---------------------------------------------------------
 
 @njit(parallel=True, cache=True, nogil=True)
-def sum_fold(state, base, has_base, first, x0, xs, divisor):  # pragma: no cover - compiled
+def sum_fold(state, base, has_base, first, x0, xs, divisor, finish, scale):  # pragma: no cover - compiled
     # divisor > 0: the group ends the mean, state = Σ / divisor (one correctly rounded float32
     # division, as ``mean_of_sum``), in the same pass instead of one more over the result.
     finite = 0
@@ -108,14 +152,14 @@ def sum_fold(state, base, has_base, first, x0, xs, divisor):  # pragma: no cover
         total = f32(x0[i]) - b if first else state[i]
         for x in xs:
             total = total + (f32(x[i]) - b)
-        state[i] = total / divisor if divide else total
+        state[i] = _finish(total / divisor if divide else total, b, finish, scale)
         finite += np.int32(abs(total) < np.inf)  # a NaN/Inf term makes the sum NaN/Inf
     return finite
 
 # -- random mix ---------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, nogil=True)
-def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset):  # pragma: no cover - compiled
+def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset, finish, scale):  # pragma: no cover
     # uint32 arithmetic wraps mod 2^32, exactly the torch kernel's int64 steps followed by "& 0xFFFFFFFF".
     spread_mul = np.uint32(0x61C88647)
     mix = np.uint32(0x45D9F3B)
@@ -134,7 +178,7 @@ def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset):
             v = f32(x[i]) - b
             choice = v if h <= thresholds[j] else choice
             j += 1
-        state[i] = choice
+        state[i] = _finish(choice, b, finish, scale)
 
 
 @njit(cache=True, nogil=True)

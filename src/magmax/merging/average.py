@@ -17,7 +17,7 @@ from torch import Tensor
 
 from magmax.merging import _fused
 from magmax.merging._fused import mean_of_sum
-from magmax.merging.base import MergeMethod, register
+from magmax.merging.base import MergeMethod, TaskSlices, register
 from magmax.merging.task_arithmetic import sum_kernel
 
 
@@ -45,6 +45,9 @@ class Average(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         return _fused.fold_slices(sum_kernel, slices, divide=True)
+
+    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        return _fused.fold_slices(sum_kernel, slices, divide=True, scale=scale) if slices.base is not None else None
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         # The GPU kernel divides by T itself, correctly rounded, as mean_of_sum does.

@@ -77,6 +77,11 @@ class TaskSlices(Sequence[Tensor]):
             raise IndexError(t)
         return self._load(t)
 
+    @property
+    def base(self) -> Tensor | None:
+        """θ0 when the slices are formed from checkpoints (``operands`` gives (θ_t, θ0)), else None."""
+        return self._base if self._finetuned is not None else None
+
     def operands(self, t: int) -> tuple[Tensor, Tensor | None]:
         """(θ_t, θ0) when the slices come from checkpoints, else (τ_t, None)."""
         if self._finetuned is None or self._base is None:
@@ -197,6 +202,13 @@ class MergeMethod:
         owns (the engine writes the merged model into it), never an input, a view of one or a state the
         method reads again."""
         return self.result(self.fold(key, slices), key)
+
+    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        """The merged model's tensor θ0 + scale·τ* in float32, with the same bits as
+        :func:`magmax.taskvector.add_scaled` of :meth:`merge_tensor`'s τ*, for methods whose kernels add θ0
+        as they write τ* (a pass over τ* and θ0 saved); the caller owns it. None (the default): the
+        caller adds θ0 to :meth:`merge_tensor`'s result."""
+        return None
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         """τ* of several tensors (``slices[i]``: the T slices of ``keys[i]``); the same as

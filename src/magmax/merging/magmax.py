@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from magmax.merging import _fused, _native
-from magmax.merging.base import MergeMethod, register
+from magmax.merging.base import MergeMethod, TaskSlices, register
 
 _MAGNITUDE_BITS = 0x7FFFFFFF
 
@@ -78,6 +78,9 @@ class MagMax(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         return _fused.fold_slices(magmax_kernel, slices)
+
+    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        return _fused.fold_slices(magmax_kernel, slices, scale=scale) if slices.base is not None else None
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         many = _fused.fold_many(magmax_kernel, slices)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from magmax.merging import _fused, _native
-from magmax.merging.base import MergeMethod, MethodOptions, register, seed_for
+from magmax.merging.base import MergeMethod, MethodOptions, TaskSlices, register, seed_for
 
 _LOW32 = 0xFFFFFFFF
 _SPREAD = 0x61C88647  # 2^32/φ, odd: i ↦ i·_SPREAD mod 2^32 is a bijection
@@ -110,6 +110,9 @@ class RandomMix(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         return _fused.fold_slices(random_kernel, slices, self._params(key))
+
+    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        return _fused.fold_slices(random_kernel, slices, self._params(key), scale=scale) if slices.base is not None else None
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         many = _fused.fold_many(random_kernel, slices, [self._params(key) for key in keys])
