@@ -329,7 +329,7 @@ def test_the_sum_fold_finishes_the_merge_in_its_own_pass(count, divide, scale):
     assert bitwise_equal(state, want)
 
 
-@pytest.mark.parametrize("method", FOLDS)
+@pytest.mark.parametrize("method", [*FOLDS, "ties"])
 @pytest.mark.parametrize("rounding", ["fused", "separate"])
 def test_folds_add_the_base_as_torch_add_rounds_it(method, rounding, monkeypatch):
     # On CPUs whose ATen kernels use FMA, θ0 + λ·τ* is rounded once; on others twice. The folds ask torch

@@ -321,12 +321,20 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
-def ties_group(state, out, base, inputs, kappas, first, last, majority_positive) -> tuple[int, int]:
+def can_add_base(has_base: bool) -> bool:
+    """Whether a fold given θ0 can write θ0 + λ·τ* itself, rounded as torch.add rounds it here."""
+    return _finish_of(has_base, 1.0) is not None
+
+
+def ties_group(state, out, base, inputs, kappas, first, last, majority_positive, scale=None) -> tuple[int, int]:
     """One group of the TIES fold (any number of inputs): not last → update ``state`` (four float32
-    arrays); last → τ* in ``out`` (zero elected signs take the positive side when ``majority_positive``)
-    and (balance, ambiguous): the elected-sign balance and the number of entries whose value depends on
-    the majority sign."""
+    arrays); last → τ* in ``out`` (zero elected signs take the positive side when ``majority_positive``),
+    or θ0 + scale·τ* when ``scale`` is given (only where :func:`can_add_base`), and (balance, ambiguous):
+    the elected-sign balance and the number of entries whose value depends on the majority sign."""
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
+    finish = _finish_of(has_base, scale)
+    if finish is None:
+        raise ValueError("ties_group cannot add θ0 here (no θ0, or torch.add rounds neither way)")
     ps, ns, pc, nc = (_EMPTY,) * 4 if state is None else state
     kap = np.asarray(kappas, dtype=np.float32)
     k = _kernels()
@@ -337,5 +345,5 @@ def ties_group(state, out, base, inputs, kappas, first, last, majority_positive)
             k.ties_partial(ps, ns, pc, nc, b, has_base, addresses, arrays[0], n, kap, first, parts)
             return 0, 0
         balance, ambiguous = k.ties_merge(ps, ns, pc, nc, _array(out), b, has_base, addresses, arrays[0], n, kap,
-                                          first, majority_positive, parts)
+                                          first, majority_positive, parts, *finish)
     return int(balance), int(ambiguous)

@@ -373,11 +373,11 @@ def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, addresses, like, 
 
 @njit(parallel=True, cache=True, nogil=True)
 def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, like, n, kappas, first,
-               zero_positive, parts):  # pragma: no cover
+               zero_positive, parts, finish, scale):  # pragma: no cover
     # τ* = Σ⁺/max(n⁺, 1) where the elected sign s = sign(Σ⁺ + Σ⁻) is positive (or 0 and the majority
-    # positive: ``zero_positive``), else Σ⁻/max(n⁻, 1). Returns the elected-sign balance
-    # #(s > 0) − #(s < 0) and the number of ambiguous entries (s = 0 with agreeing entries: there the
-    # majority decides).
+    # positive: ``zero_positive``), else Σ⁻/max(n⁻, 1), written as ``finish`` says (τ* or θ0 + λ·τ*).
+    # Returns the elected-sign balance #(s > 0) − #(s < 0) and the number of ambiguous entries (s = 0
+    # with agreeing entries: there the majority decides).
     blocks = (n + TIES_BLOCK - 1) // TIES_BLOCK
     balance = 0
     ambiguous = 0
@@ -398,7 +398,7 @@ def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, lik
                 positive = (total > 0) | ((total == 0) & zero_positive)
                 numerator = ps[k] if positive else ns[k]
                 count = pc[k] if positive else nc[k]
-                out[at + np.uint64(k)] = numerator / max(count, np.float32(1.0))
+                out[at + np.uint64(k)] = _finish(numerator / max(count, np.float32(1.0)), b0[k], finish, scale)
                 block_balance += np.int32(total > 0) - np.int32(total < 0)
                 block_ambiguous += np.int32((total == 0) & (pc[k] + nc[k] > 0))
             part_balance += block_balance

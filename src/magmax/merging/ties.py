@@ -68,6 +68,7 @@ from magmax.merging.base import (
     MergeMethod,
     MethodOptions,
     SlicesStream,
+    TaskSlices,
     TensorStream,
     register,
 )
@@ -175,11 +176,25 @@ class Ties(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         """τ* of one tensor; before the majority sign is known (deferred), on a guess of it."""
+        merged = self._merged(key, slices, None)
+        assert merged is not None
+        return merged
+
+    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        """θ0 + scale·τ* written by the fused CPU pass where it runs (else None: the caller adds θ0)."""
+        if slices.base is None or not _native.enabled() or not _native.can_add_base(True):
+            return None
+        return self._merged(key, slices, scale)
+
+    def _merged(self, key: str, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:
+        """τ* (or, with ``scale``, θ0 + scale·τ* by the fused CPU pass; None where that does not run)."""
         final = self._majority is not None
         majority = self._majority if final else self._guess
-        native = self._native_pass(slices, majority > 0)
+        native = self._native_pass(slices, majority > 0, scale)
         if native is not None:
             merged, balance, ambiguous = native
+        elif scale is not None:
+            return None
         else:
             state = self.fold(key, slices)
             merged = consensus_result(state, majority)
@@ -218,10 +233,13 @@ class Ties(MergeMethod):
             self._provisional.extend(key for key, n in zip(keys, ambiguous) if n)
         return merged
 
-    def _native_pass(self, slices: Sequence[Tensor], majority_positive: bool) -> tuple[Tensor, int, int] | None:
-        """The fused CPU fold (global thresholds only): (τ*, balance, ambiguous); None if it cannot run."""
+    def _native_pass(
+        self, slices: Sequence[Tensor], majority_positive: bool, scale: float | None = None
+    ) -> tuple[Tensor, int, int] | None:
+        """The fused CPU fold (global thresholds only): (τ*, or θ0 + scale·τ*; balance, ambiguous); None
+        if it cannot run."""
         try:
-            return self._native_fold(slices, majority_positive)
+            return self._native_fold(slices, majority_positive, scale)
         except Exception as exc:  # the native kernels are an optimisation: the torch fold gives the same result
             _native.disable(exc)
             return None
@@ -233,7 +251,9 @@ class Ties(MergeMethod):
             self._scratch = np.empty((4, numel), np.float32)
         return tuple(self._scratch[r, :numel] for r in range(4))
 
-    def _native_fold(self, slices: Sequence[Tensor], majority_positive: bool) -> tuple[Tensor, int, int] | None:
+    def _native_fold(
+        self, slices: Sequence[Tensor], majority_positive: bool, scale: float | None
+    ) -> tuple[Tensor, int, int] | None:
         operands = getattr(slices, "operands", None)
         count = len(slices)
         if operands is None or self.options.threshold != "global" or not _native.enabled() or count == 0:
@@ -255,7 +275,7 @@ class Ties(MergeMethod):
             if state is None and count > size:
                 state = self._scratch_state(numel)
             balance, ambiguous = _native.ties_group(state, out, base, xs, kappas[start:stop], start == 0,
-                                                    stop == count, majority_positive)
+                                                    stop == count, majority_positive, scale)
             del xs, base
         return out.view(shape), balance, ambiguous
 
