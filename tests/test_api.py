@@ -240,7 +240,7 @@ def test_bad_options_are_config_errors_naming_the_option(models, method, options
     assert_one_line(info.value, method, *needles)
 
 
-@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
 @pytest.mark.parametrize("count,bad,value", [(3, 2, float("nan")), (11, 9, float("inf")), (11, 0, float("-inf")),
                                              (2, -1, float("nan"))])
 def test_nan_found_in_passing_by_the_native_folds_is_refused_with_its_name(method, count, bad, value):
@@ -270,7 +270,7 @@ def test_a_task_vector_that_overflows_is_not_mistaken_for_a_nan_input():
     assert torch.isinf(merged["w"]).all()
 
 
-@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
 @pytest.mark.parametrize("count,explicit", [(3, False), (11, False), (1, True)])
 def test_the_separate_nan_pass_is_skipped_only_when_the_folds_vouch_for_every_input(method, count, explicit,
                                                                                    monkeypatch):

@@ -260,7 +260,11 @@ def random_group(state, base, inputs, first, last, params, group, divisor=None, 
     thresholds = rows[:, 1].astype(np.uint32)  # ⌈2^32/(t+1)⌉ − 1 < 2^32
     k = _kernels()
     with _threads():
-        k.random_fold(s, b, has_base, first, x0, xs, keys, thresholds, 0, *(finish or _finish_of(has_base, None)))
+        # The finite count only where τ is formed from checkpoints (the engine's merges): else no one reads it.
+        fold = k.random_fold_counted if has_base else k.random_fold
+        finite = fold(s, b, has_base, first, x0, xs, keys, thresholds, 0, *(finish or _finish_of(has_base, None)))
+    if has_base:
+        _report(int(finite), s.shape[0], len(inputs), has_base)
     return finish is not None
 
 

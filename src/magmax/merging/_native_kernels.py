@@ -113,7 +113,8 @@ def _load_base(base, has_base, lo, m, out):  # pragma: no cover - compiled
 # Fewer than n means an input entry was NaN/Inf, or θ_t − θ0 or the sum overflowed (the engine's own
 # check then tells which). Otherwise the engine skips that check, a pass over the inputs as long as
 # the merge. The count is an integer reduction (LLVM vectorises those, not float ones without
-# fast-math). The random fold has none: its hash loop is compute-bound, and the probe slowed it 1.4x.
+# fast-math). The random fold counts only when asked (``random_fold_counted``): its hash loop is
+# compute-bound, and the count slows it 1.4x.
 
 #
 # A fold's last group may write the merged model instead of τ*: ``finish`` (KEEP_TAU, ADD_FUSED or
@@ -158,27 +159,45 @@ def sum_fold(state, base, has_base, first, x0, xs, divisor, finish, scale):  # p
 
 # -- random mix ---------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True, nogil=True)
-def random_fold(state, base, has_base, first, x0, xs, keys, thresholds, offset, finish, scale):  # pragma: no cover
-    # uint32 arithmetic wraps mod 2^32, exactly the torch kernel's int64 steps followed by "& 0xFFFFFFFF".
-    spread_mul = np.uint32(0x61C88647)
-    mix = np.uint32(0x45D9F3B)
-    shift = np.uint32(16)
-    for i in prange(state.shape[0]):
-        b = f32(base[i]) if has_base else np.float32(0.0)
-        choice = f32(x0[i]) - b if first else state[i]  # t = 0 is always taken
-        spread = np.uint32(np.uint32(offset + i) * spread_mul)
-        j = 0
-        for x in xs:
-            h = np.uint32(spread + keys[j])
-            h = np.uint32(h ^ (h >> shift))
-            h = np.uint32(h * mix)
-            h = np.uint32(h ^ (h >> shift))
-            h = np.uint32(h * mix)
-            v = f32(x[i]) - b
-            choice = v if h <= thresholds[j] else choice
-            j += 1
-        state[i] = _finish(choice, b, finish, scale)
+def _random_fold(count_finite: bool):
+    """The random fold, with or without the finite count of the folds above: a constant of the closure,
+    so each variant compiles (and caches) without a test inside the loop. Counting costs 1.4x here, so
+    only the engine's merges, which would otherwise read every input once more to check it, ask for it."""
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def fold(state, base, has_base, first, x0, xs, keys, thresholds, offset, finish, scale):  # pragma: no cover
+        # uint32 arithmetic wraps mod 2^32, exactly the torch kernel's int64 steps followed by "& 0xFFFFFFFF".
+        spread_mul = np.uint32(0x61C88647)
+        mix = np.uint32(0x45D9F3B)
+        shift = np.uint32(16)
+        finite = 0
+        for i in prange(state.shape[0]):
+            b = f32(base[i]) if has_base else np.float32(0.0)
+            choice = f32(x0[i]) - b if first else state[i]  # t = 0 is always taken
+            probe = choice if first else np.float32(0.0)
+            spread = np.uint32(np.uint32(offset + i) * spread_mul)
+            j = 0
+            for x in xs:
+                h = np.uint32(spread + keys[j])
+                h = np.uint32(h ^ (h >> shift))
+                h = np.uint32(h * mix)
+                h = np.uint32(h ^ (h >> shift))
+                h = np.uint32(h * mix)
+                v = f32(x[i]) - b
+                if count_finite:
+                    probe += v
+                choice = v if h <= thresholds[j] else choice
+                j += 1
+            state[i] = _finish(choice, b, finish, scale)
+            if count_finite:
+                finite += np.int32(abs(probe) < np.inf)
+        return finite
+
+    return fold
+
+
+random_fold = _random_fold(False)
+random_fold_counted = _random_fold(True)
 
 
 @njit(cache=True, nogil=True)

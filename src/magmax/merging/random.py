@@ -89,6 +89,7 @@ class RandomMix(MergeMethod):
     default_scale = 1.0
     foldable = True
     merges_many = True
+    folds_natively = True
 
     def _params(self, key: str) -> _fused.ParamsFn:
         seed = self.options.seed
