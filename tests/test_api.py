@@ -240,13 +240,13 @@ def test_bad_options_are_config_errors_naming_the_option(models, method, options
     assert_one_line(info.value, method, *needles)
 
 
-@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
+@pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random", "ties"])
 @pytest.mark.parametrize("count,bad,value", [(3, 2, float("nan")), (11, 9, float("inf")), (11, 0, float("-inf")),
                                              (2, -1, float("nan"))])
 def test_nan_found_in_passing_by_the_native_folds_is_refused_with_its_name(method, count, bad, value):
-    """In-memory merges by one-pass methods skip the separate NaN/Inf pass when the native folds vouch
-    for every input: a poisoned entry anywhere (any task, past the first group of 8, or θ0) still
-    stops the merge with the model and tensor named."""
+    """In-memory merges by one-pass methods (and TIES, whose thresholds' pass reads every τ) skip the
+    separate NaN/Inf pass when the native kernels vouch for every input: a poisoned entry anywhere (any
+    task, past the first group of 8, or θ0) still stops the merge with the model and tensor named."""
     base = make_state_dict(3, SMALL_SHAPES)
     fts = make_finetuned(base, count, seed=4)
     key = "conv.weight"
@@ -285,5 +285,7 @@ def test_the_separate_nan_pass_is_skipped_only_when_the_folds_vouch_for_every_in
     # T = 1 is τ_1 itself (formed by torch, not by a fold that checks): the explicit pass runs.
     assert bool(calls) == explicit
     calls.clear()
-    magmax.merge("ties", base, fts)  # several passes: checked on loading, as before
+    magmax.merge("ties", base, fts)  # its thresholds' count-and-gather pass vouches for every input
+    assert not calls
+    magmax.merge("ties", base, fts, threshold="per_tensor")  # torch's fold: checked on loading, as before
     assert calls

@@ -266,9 +266,9 @@ class MergeRun:
             return len(unit.keys) > 1 or self.device.type == "cuda"
         return m.key_independent and _gpu.kernel_device(self.device) and self._inputs_on_device()
 
-    def _stat_units(self) -> tuple[list[str], Callable[[str], TaskSlices]]:
-        """The names the statistics passes see, and their slices: each key of a unit handed over tensor by
-        tensor, else the unit (a key or a bucket)."""
+    def _stat_units(self, check: bool = True) -> tuple[list[str], Callable[[str], TaskSlices]]:
+        """The names the statistics passes see, and their slices (NaN/Inf checked as loaded unless
+        ``check`` is off): each key of a unit handed over tensor by tensor, else the unit (a key or a bucket)."""
         names: list[str] = []
         by_key: set[str] = set()
         for unit in self.units.values():
@@ -280,8 +280,8 @@ class MergeRun:
 
         def slices(name: str) -> TaskSlices:
             if name in by_key:
-                return self._key_slices(name, self._load(self.base, -1, name), check=True)
-            return self.slices(name)
+                return self._key_slices(name, self._load(self.base, -1, name, check), check=check)
+            return self.slices(name, check=check)
 
         return names, slices
 
@@ -319,10 +319,36 @@ class MergeRun:
 
     # -- running -------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Statistics passes that couple tensors (per-task thresholds, global signs), if the method has any."""
+        """Statistics passes that couple tensors (per-task thresholds, global signs), if the method has any.
+
+        Where they check NaN/Inf in passing (``statistics_check_finite``, float32/bfloat16 on CPU), the
+        inputs are not checked as loaded; if the kernels could not vouch for every entry, the explicit
+        check runs after them, before anything is merged."""
         total = sum(self.base.meta(key).numel for key in self.float_keys)
-        names, slices = self._stat_units()
-        run_statistics(self.method, names, slices, len(self.finetuned), total)
+        in_passing = self._statistics_checked_in_passing()
+        names, slices = self._stat_units(check=not in_passing)
+        with _native.finite_watch() as watch:
+            run_statistics(self.method, names, slices, len(self.finetuned), total)
+        if not in_passing:
+            return
+        readers = [(-1, self.base), *enumerate(self.finetuned)]
+        if watch.proves_finite(len(self.finetuned) * len(names)):
+            self._checked.update((index, name) for index, _ in readers for name in names)
+            return
+        for name in names:  # the explicit check, naming the tensor
+            for index, reader in readers:
+                if name in self.units:
+                    self._load_unit(reader, index, self.units[name])
+                else:
+                    self._load(reader, index, name)
+
+    def _statistics_checked_in_passing(self) -> bool:
+        m = self.method
+        if not (self.check_values and m.uses_task_stats and m.statistics_check_finite and self.float_keys):
+            return False
+        if not _native.enabled() or self.device.type != "cpu":
+            return False
+        return all(self.base.meta(key).dtype in (torch.float32, torch.bfloat16) for key in self.float_keys)
 
     def iter_merged(self) -> Iterator[tuple[str, Tensor]]:
         """(key, merged tensor) in base key order; non-float tensors come from the base unchanged.

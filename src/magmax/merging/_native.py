@@ -290,11 +290,17 @@ def sample_entries(base, inputs, phase, stride, out, filled) -> int:
 
 
 def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
-    """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them)."""
+    """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them).
+    Where τ is formed from θ0 (the engine's merges), whether every |τ_j| was finite goes to
+    :func:`finite_watch`, as the folds report it."""
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
-    kernel = _kernels().count_gather
-    per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk], high[blk],
-                                                    below[blk], gathered[blk], filled[blk]), numel=n)
+    k = _kernels()
+    kernel = k.count_gather_counted if has_base else k.count_gather
+    finite = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk],
+                                                             high[blk], below[blk], gathered[blk], filled[blk]),
+                             numel=n)
+    if has_base:
+        _report(sum(int(f) for f in finite), n * len(arrays), len(arrays), has_base)
 
 
 SERIAL_NUMEL = 1 << 16

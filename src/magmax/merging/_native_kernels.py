@@ -216,70 +216,92 @@ GATHER_STEP = 32
 """Entries per counting step: small, so that most steps hold no bracketed value and skip the
 copy-out loop (at a 0.4% bracket, about 7 steps in 8)."""
 
-@njit(cache=True, nogil=True)
-def count_gather(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
-    # Element-outer like the folds: step by step, every task of the group is counted against the same
-    # entries of θ0, so the T inputs stream side by side (one input at a time reads far slower on one
-    # core). Per task and step, one vectorised loop of constant length counts (int32 lanes, no
-    # branches) and keeps the magnitudes in L1; only a step holding bracketed values runs the
-    # branch-free compaction (write every value to a second buffer, advance only on a hit; in place,
-    # store-to-load aliasing serialises it). The last n mod GATHER_STEP entries are counted in
-    # ``_count_gather_tail``. Serial and nogil: threads run it on disjoint blocks of tasks.
-    cap = gathered.shape[1]
-    full = n - n % GATHER_STEP
-    count = addresses.shape[0]
-    shared_below, shared_filled = below, filled
-    below = np.zeros(count, np.int64)  # private copies: threads share the callers' cache lines
-    filled = shared_filled.copy()
-    b0 = np.empty(GATHER_STEP, np.float32)
-    mags = np.empty(GATHER_STEP, np.float32)
-    hits = np.empty(GATHER_STEP, np.float32)
-    for s in range(0, full, GATHER_STEP):
-        if has_base:
-            for k in range(GATHER_STEP):
-                b0[k] = f32(base[s + k])
-        else:
-            b0[:] = 0.0
+def _count_gather(count_finite: bool):
+    """The count-and-gather pass, with or without counting the finite |τ| (a closure constant, as in
+    ``_random_fold``): the engine asks for the count, which spares it a separate NaN/Inf pass over the
+    inputs (about 25% more time here for this pass, against a whole read of the models)."""
+
+    @njit(cache=True, nogil=True)
+    def kernel(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
+        # Element-outer like the folds: step by step, every task of the group is counted against the same
+        # entries of θ0, so the T inputs stream side by side (one input at a time reads far slower on one
+        # core). Per task and step, one vectorised loop of constant length counts (int32 lanes, no
+        # branches) and keeps the magnitudes in L1; only a step holding bracketed values runs the
+        # branch-free compaction (write every value to a second buffer, advance only on a hit; in place,
+        # store-to-load aliasing serialises it). The last n mod GATHER_STEP entries are counted in
+        # ``_count_gather_tail``. Serial and nogil: threads run it on disjoint blocks of tasks. Returns
+        # the number of finite |τ| when counting (NaN and ±Inf fail a < Inf), else 0.
+        cap = gathered.shape[1]
+        full = n - n % GATHER_STEP
+        count = addresses.shape[0]
+        shared_below, shared_filled = below, filled
+        below = np.zeros(count, np.int64)  # private copies: threads share the callers' cache lines
+        filled = shared_filled.copy()
+        b0 = np.empty(GATHER_STEP, np.float32)
+        mags = np.empty(GATHER_STEP, np.float32)
+        hits = np.empty(GATHER_STEP, np.float32)
+        finite = 0
+        for s in range(0, full, GATHER_STEP):
+            if has_base:
+                for k in range(GATHER_STEP):
+                    b0[k] = f32(base[s + k])
+            else:
+                b0[:] = 0.0
+            for j in range(count):
+                x = _input(addresses, j, like, n)
+                lo_j = low[j]
+                hi_j = high[j]
+                step_below = np.int32(0)
+                upto_high = np.int32(0)
+                step_finite = np.int32(0)
+                for k in range(GATHER_STEP):  # visibly >= 0 indices: no wrap-around test
+                    a = abs(f32(x[s + k]) - b0[k])
+                    mags[k] = a
+                    step_below += np.int32(a < lo_j)
+                    upto_high += np.int32(a <= hi_j)
+                    if count_finite:
+                        step_finite += np.int32(a < np.inf)
+                below[j] += step_below
+                finite += step_finite
+                if upto_high != step_below:  # lo_j <= a <= hi_j somewhere
+                    q = 0
+                    for k in range(GATHER_STEP):
+                        a = mags[k]
+                        hits[q] = a
+                        q += (a >= lo_j) & (a <= hi_j)
+                    f = filled[j]
+                    for k in range(q):
+                        if f < cap:
+                            gathered[j, f] = hits[k]
+                        f += 1
+                    filled[j] = f
         for j in range(count):
             x = _input(addresses, j, like, n)
-            lo_j = low[j]
-            hi_j = high[j]
-            step_below = np.int32(0)
-            upto_high = np.int32(0)
-            for k in range(GATHER_STEP):  # visibly >= 0 indices: no wrap-around test
-                a = abs(f32(x[s + k]) - b0[k])
-                mags[k] = a
-                step_below += np.int32(a < lo_j)
-                upto_high += np.int32(a <= hi_j)
-            below[j] += step_below
-            if upto_high != step_below:  # lo_j <= a <= hi_j somewhere
-                q = 0
-                for k in range(GATHER_STEP):
-                    a = mags[k]
-                    hits[q] = a
-                    q += (a >= lo_j) & (a <= hi_j)
-                f = filled[j]
-                for k in range(q):
-                    if f < cap:
-                        gathered[j, f] = hits[k]
-                    f += 1
-                filled[j] = f
-    for j in range(count):
-        x = _input(addresses, j, like, n)
-        _count_gather_tail(base, has_base, x, full, low[j], high[j], below, gathered, filled, j)
-    shared_below += below
-    shared_filled[:] = filled
+            finite += _count_gather_tail(base, has_base, x, full, low[j], high[j], below, gathered, filled, j)
+        shared_below += below
+        shared_filled[:] = filled
+        return finite if count_finite else 0
+
+    return kernel
+
+
+count_gather = _count_gather(False)
+count_gather_counted = _count_gather(True)
+
 
 @njit(cache=True)
 def _count_gather_tail(base, has_base, x, start, lo_j, hi_j, below, gathered, filled, j):  # pragma: no cover
     cap = gathered.shape[1]
+    finite = 0
     for i in range(start, x.shape[0]):
         a = abs(f32(x[i]) - (f32(base[i]) if has_base else np.float32(0.0)))
         below[j] += a < lo_j
+        finite += a < np.inf
         if (a >= lo_j) & (a <= hi_j):
             if filled[j] < cap:
                 gathered[j, filled[j]] = a
             filled[j] += 1
+    return finite
 
 # TIES runs as two kernels over blocks of entries: per block, the running state (Σ⁺, Σ⁻, n⁺, n⁻;
 # counts as float32, exact below 2^24 tasks) sits in L1-sized scratch arrays (one set per thread),

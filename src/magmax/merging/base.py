@@ -128,6 +128,11 @@ class MergeMethod:
     float32/bfloat16 inputs), which report whether every entry was finite (``_native.finite_watch``):
     the engine may then skip its own NaN/Inf pass over in-memory inputs."""
 
+    statistics_check_finite: bool = False
+    """Like ``folds_natively``, for the statistics passes (``uses_task_stats``): they form every τ_t of
+    every tensor in native kernels that report whether it was finite (TIES's global thresholds), so the
+    engine may skip its own NaN/Inf pass."""
+
     merges_many: bool = False
     """:meth:`merge_tensors` merges several tensors at once (on a GPU: one launch per group of inputs for
     all of them), so the engine hands it runs of tensors on a GPU instead of one tensor at a time."""

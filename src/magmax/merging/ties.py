@@ -118,6 +118,8 @@ class Ties(MergeMethod):
         # Only the global threshold needs a statistics pass over each whole task vector; per-tensor
         # thresholds are found inside the fold, so the engine must not read every task vector twice more.
         self.uses_task_stats = self.options.threshold == "global"
+        # Its count-and-gather pass forms every τ_t from θ0 and counts the finite ones (numba, CPU).
+        self.statistics_check_finite = self.uses_task_stats
         # With the global threshold every entry is trimmed and merged alike, whatever its tensor.
         self.key_independent = self.options.threshold == "global"
         self._thresholds: dict[int, float | None] = {}
