@@ -233,12 +233,14 @@ def _fold_group(fold: str, divides: bool = False) -> NativeGroup:
         done = finish is not None and (divisor is None or divides)
         if not done:  # all of the finish or none of it: the caller does it
             finish, divisor = _finish_of(has_base, None), None
-        kernel = getattr(_kernels(), fold)
+        mode, scale32 = finish
+        kernels = getattr(_kernels(), fold)  # one compiled kernel per switch setting
         with _threads():
             if divides:
-                finite = kernel(s, b, has_base, first, x0, xs, np.float32(divisor or 0), *finish)
+                kernel = kernels(divisor is not None, mode)
+                finite = kernel(s, b, has_base, first, x0, xs, np.float32(divisor or 1), scale32)
             else:
-                finite = kernel(s, b, has_base, first, x0, xs, *finish)
+                finite = kernels(mode)(s, b, has_base, first, x0, xs, scale32)
         _report(int(finite), s.shape[0], len(inputs), has_base)
         return done
 
@@ -261,8 +263,8 @@ def random_group(state, base, inputs, first, last, params, group, divisor=None, 
     k = _kernels()
     with _threads():
         # The finite count only where τ is formed from checkpoints (the engine's merges): else no one reads it.
-        fold = k.random_fold_counted if has_base else k.random_fold
-        finite = fold(s, b, has_base, first, x0, xs, keys, thresholds, 0, *(finish or _finish_of(has_base, None)))
+        mode, scale32 = finish or _finish_of(has_base, None)
+        finite = k.random_fold(has_base, mode)(s, b, has_base, first, x0, xs, keys, thresholds, 0, scale32)
     if has_base:
         _report(int(finite), s.shape[0], len(inputs), has_base)
     return finish is not None
@@ -295,7 +297,7 @@ def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
     :func:`finite_watch`, as the folds report it."""
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
     k = _kernels()
-    kernel = k.count_gather_counted if has_base else k.count_gather
+    kernel = k.count_gather(has_base)
     finite = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk],
                                                              high[blk], below[blk], gathered[blk], filled[blk]),
                              numel=n)
@@ -354,6 +356,7 @@ def ties_group(state, out, base, inputs, kappas, first, last, majority_positive,
         if not last:
             k.ties_partial(ps, ns, pc, nc, b, has_base, addresses, arrays[0], n, kap, first, parts)
             return 0, 0
-        balance, ambiguous = k.ties_merge(ps, ns, pc, nc, _array(out), b, has_base, addresses, arrays[0], n, kap,
-                                          first, majority_positive, parts, *finish)
+        mode, scale32 = finish
+        balance, ambiguous = k.ties_merge(mode)(ps, ns, pc, nc, _array(out), b, has_base, addresses, arrays[0], n,
+                                                kap, first, majority_positive, parts, scale32)
     return int(balance), int(ambiguous)

@@ -1,10 +1,13 @@
 """The numba kernels behind :mod:`magmax.merging._native` (imported on first use: numba takes ~0.5 s to import).
 
-Plain loops, compiled without fast-math (so nothing is reassociated or fused into an FMA) and cached on
-disk (``cache=True``). ``# pragma: no cover``: coverage cannot see inside compiled code.
+Plain loops, compiled without fast-math (so nothing is reassociated or contracted into an FMA but the
+one written as such, ``_fma``) and cached on disk (``cache=True``). ``# pragma: no cover``: coverage cannot see inside compiled code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -113,59 +116,83 @@ def _load_base(base, has_base, lo, m, out):  # pragma: no cover - compiled
 # Fewer than n means an input entry was NaN/Inf, or θ_t − θ0 or the sum overflowed (the engine's own
 # check then tells which). Otherwise the engine skips that check, a pass over the inputs as long as
 # the merge. The count is an integer reduction (LLVM vectorises those, not float ones without
-# fast-math). The random fold counts only when asked (``random_fold_counted``): its hash loop is
-# compute-bound, and the count slows it 1.4x.
+# fast-math). The random fold counts only when asked (``count_finite``).
 
 #
 # A fold's last group may write the merged model instead of τ*: ``finish`` (KEEP_TAU, ADD_FUSED or
 # ADD_SEPARATE, with λ = ``scale``) applied to each entry as it is stored, where θ0 is at hand already,
-# instead of one more pass over τ* and θ0 afterwards.
+# instead of one more pass over τ* and θ0 afterwards. Such switches are constants of a closure, one
+# compiled kernel per value (``_specialised``), never a test inside the loop: one there kept LLVM from
+# vectorising the folds (MagMax 20% slower).
 
-@njit(parallel=True, cache=True, nogil=True)
-def magmax_fold(state, base, has_base, first, x0, xs, finish, scale):  # pragma: no cover - compiled
-    finite = 0
-    for i in prange(state.shape[0]):
-        b = f32(base[i]) if has_base else np.float32(0.0)
-        best = f32(x0[i]) - b if first else state[i]
-        mag = abs(best)
-        probe = best if first else np.float32(0.0)
-        for x in xs:
-            v = f32(x[i]) - b
-            probe += v
-            a = abs(v)
-            take = a >= mag  # ties go to the later task, as the reference fold
-            best = v if take else best
-            mag = a if take else mag
-        state[i] = _finish(best, b, finish, scale)
-        finite += np.int32(abs(probe) < np.inf)
-    return finite
+
+def _specialised(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel = get(*switches)``: ``factory(*switches)`` built on first use and kept. numba caches each
+    on disk apart (the closure's constants are part of its cache key)."""
+    built: dict[tuple[Any, ...], Any] = {}
+
+    def get(*switches: Any) -> Any:
+        if switches not in built:
+            built[switches] = factory(*switches)
+        return built[switches]
+
+    return get
+
+
+@_specialised
+def magmax_fold(finish: int):
+    @njit(parallel=True, cache=True, nogil=True)
+    def fold(state, base, has_base, first, x0, xs, scale):  # pragma: no cover - compiled
+        finite = 0
+        for i in prange(state.shape[0]):
+            b = f32(base[i]) if has_base else np.float32(0.0)
+            best = f32(x0[i]) - b if first else state[i]
+            mag = abs(best)
+            probe = best if first else np.float32(0.0)
+            for x in xs:
+                v = f32(x[i]) - b
+                probe += v
+                a = abs(v)
+                take = a >= mag  # ties go to the later task, as the reference fold
+                best = v if take else best
+                mag = a if take else mag
+            state[i] = _finish(best, b, finish, scale)
+            finite += np.int32(abs(probe) < np.inf)
+        return finite
+
+    return fold
 
 # -- Σ τ_t (task arithmetic, averaging) ---------------------------------------------------------
 
-@njit(parallel=True, cache=True, nogil=True)
-def sum_fold(state, base, has_base, first, x0, xs, divisor, finish, scale):  # pragma: no cover - compiled
-    # divisor > 0: the group ends the mean, state = Σ / divisor (one correctly rounded float32
-    # division, as ``mean_of_sum``), in the same pass instead of one more over the result.
-    finite = 0
-    divide = divisor > 0
-    for i in prange(state.shape[0]):
-        b = f32(base[i]) if has_base else np.float32(0.0)
-        total = f32(x0[i]) - b if first else state[i]
-        for x in xs:
-            total = total + (f32(x[i]) - b)
-        state[i] = _finish(total / divisor if divide else total, b, finish, scale)
-        finite += np.int32(abs(total) < np.inf)  # a NaN/Inf term makes the sum NaN/Inf
-    return finite
+
+@_specialised
+def sum_fold(divide: bool, finish: int):
+    # ``divide``: the group ends the mean, state = Σ / divisor (one correctly rounded float32 division,
+    # as ``mean_of_sum``), in the same pass instead of one more over the result.
+    @njit(parallel=True, cache=True, nogil=True)
+    def fold(state, base, has_base, first, x0, xs, divisor, scale):  # pragma: no cover - compiled
+        finite = 0
+        for i in prange(state.shape[0]):
+            b = f32(base[i]) if has_base else np.float32(0.0)
+            total = f32(x0[i]) - b if first else state[i]
+            for x in xs:
+                total = total + (f32(x[i]) - b)
+            state[i] = _finish(total / divisor if divide else total, b, finish, scale)
+            finite += np.int32(abs(total) < np.inf)  # a NaN/Inf term makes the sum NaN/Inf
+        return finite
+
+    return fold
 
 # -- random mix ---------------------------------------------------------------------------------
 
-def _random_fold(count_finite: bool):
-    """The random fold, with or without the finite count of the folds above: a constant of the closure,
-    so each variant compiles (and caches) without a test inside the loop. Counting costs 1.4x here, so
-    only the engine's merges, which would otherwise read every input once more to check it, ask for it."""
 
+@_specialised
+def random_fold(count_finite: bool, finish: int):
+    # ``count_finite``: the finite count of the folds above. It costs 1.4x here (the hash loop is
+    # compute-bound), so only the engine's merges, which would otherwise read every input once more to
+    # check it, ask for it.
     @njit(parallel=True, cache=True, nogil=True)
-    def fold(state, base, has_base, first, x0, xs, keys, thresholds, offset, finish, scale):  # pragma: no cover
+    def fold(state, base, has_base, first, x0, xs, keys, thresholds, offset, scale):  # pragma: no cover
         # uint32 arithmetic wraps mod 2^32, exactly the torch kernel's int64 steps followed by "& 0xFFFFFFFF".
         spread_mul = np.uint32(0x61C88647)
         mix = np.uint32(0x45D9F3B)
@@ -196,10 +223,6 @@ def _random_fold(count_finite: bool):
     return fold
 
 
-random_fold = _random_fold(False)
-random_fold_counted = _random_fold(True)
-
-
 @njit(cache=True, nogil=True)
 def sample_entries(base, has_base, addresses, like, n, phase, stride, out, filled):  # pragma: no cover
     # x_j − θ0 at positions phase, phase + stride, … of this tensor, appended to out[j, filled:].
@@ -216,10 +239,11 @@ GATHER_STEP = 32
 """Entries per counting step: small, so that most steps hold no bracketed value and skip the
 copy-out loop (at a 0.4% bracket, about 7 steps in 8)."""
 
-def _count_gather(count_finite: bool):
-    """The count-and-gather pass, with or without counting the finite |τ| (a closure constant, as in
-    ``_random_fold``): the engine asks for the count, which spares it a separate NaN/Inf pass over the
-    inputs (about 25% more time here for this pass, against a whole read of the models)."""
+@_specialised
+def count_gather(count_finite: bool):
+    """The count-and-gather pass, with or without counting the finite |τ|: the engine asks for the
+    count, which spares it a separate NaN/Inf pass over the inputs (about 25% more time here for this
+    pass, against a whole read of the models)."""
 
     @njit(cache=True, nogil=True)
     def kernel(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
@@ -285,8 +309,6 @@ def _count_gather(count_finite: bool):
     return kernel
 
 
-count_gather = _count_gather(False)
-count_gather_counted = _count_gather(True)
 
 
 @njit(cache=True)
@@ -412,38 +434,42 @@ def ties_partial(pos_s, neg_s, npos_s, nneg_s, base, has_base, addresses, like, 
                 npos_s[i] = pc[k]
                 nneg_s[i] = nc[k]
 
-@njit(parallel=True, cache=True, nogil=True)
-def ties_merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, like, n, kappas, first,
-               zero_positive, parts, finish, scale):  # pragma: no cover
-    # τ* = Σ⁺/max(n⁺, 1) where the elected sign s = sign(Σ⁺ + Σ⁻) is positive (or 0 and the majority
-    # positive: ``zero_positive``), else Σ⁻/max(n⁻, 1), written as ``finish`` says (τ* or θ0 + λ·τ*).
-    # Returns the elected-sign balance #(s > 0) − #(s < 0) and the number of ambiguous entries (s = 0
-    # with agreeing entries: there the majority decides).
-    blocks = (n + TIES_BLOCK - 1) // TIES_BLOCK
-    balance = 0
-    ambiguous = 0
-    for part in prange(parts):  # one set of scratch arrays per thread, a contiguous run of blocks each
-        b0, ps, ns, pc, nc = _ties_scratch()
-        part_balance = 0
-        part_ambiguous = 0
-        for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
-            lo = blk * TIES_BLOCK
-            m = min(TIES_BLOCK, n - lo)
-            _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s,
-                        b0, ps, ns, pc, nc)
-            block_balance = np.int32(0)
-            block_ambiguous = np.int32(0)
-            at = np.uint64(lo)
-            for k in range(m):
-                total = ps[k] + ns[k]
-                positive = (total > 0) | ((total == 0) & zero_positive)
-                numerator = ps[k] if positive else ns[k]
-                count = pc[k] if positive else nc[k]
-                out[at + np.uint64(k)] = _finish(numerator / max(count, np.float32(1.0)), b0[k], finish, scale)
-                block_balance += np.int32(total > 0) - np.int32(total < 0)
-                block_ambiguous += np.int32((total == 0) & (pc[k] + nc[k] > 0))
-            part_balance += block_balance
-            part_ambiguous += block_ambiguous
-        balance += part_balance
-        ambiguous += part_ambiguous
-    return balance, ambiguous
+@_specialised
+def ties_merge(finish: int):
+    @njit(parallel=True, cache=True, nogil=True)
+    def merge(pos_s, neg_s, npos_s, nneg_s, out, base, has_base, addresses, like, n, kappas, first,
+              zero_positive, parts, scale):  # pragma: no cover
+        # τ* = Σ⁺/max(n⁺, 1) where the elected sign s = sign(Σ⁺ + Σ⁻) is positive (or 0 and the majority
+        # positive: ``zero_positive``), else Σ⁻/max(n⁻, 1), written as ``finish`` says (τ* or θ0 + λ·τ*).
+        # Returns the elected-sign balance #(s > 0) − #(s < 0) and the number of ambiguous entries (s = 0
+        # with agreeing entries: there the majority decides).
+        blocks = (n + TIES_BLOCK - 1) // TIES_BLOCK
+        balance = 0
+        ambiguous = 0
+        for part in prange(parts):  # one set of scratch arrays per thread, a contiguous run of blocks each
+            b0, ps, ns, pc, nc = _ties_scratch()
+            part_balance = 0
+            part_ambiguous = 0
+            for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
+                lo = blk * TIES_BLOCK
+                m = min(TIES_BLOCK, n - lo)
+                _ties_block(lo, m, base, has_base, addresses, like, n, kappas, first, pos_s, neg_s, npos_s, nneg_s,
+                            b0, ps, ns, pc, nc)
+                block_balance = np.int32(0)
+                block_ambiguous = np.int32(0)
+                at = np.uint64(lo)
+                for k in range(m):
+                    total = ps[k] + ns[k]
+                    positive = (total > 0) | ((total == 0) & zero_positive)
+                    numerator = ps[k] if positive else ns[k]
+                    count = pc[k] if positive else nc[k]
+                    out[at + np.uint64(k)] = _finish(numerator / max(count, np.float32(1.0)), b0[k], finish, scale)
+                    block_balance += np.int32(total > 0) - np.int32(total < 0)
+                    block_ambiguous += np.int32((total == 0) & (pc[k] + nc[k] > 0))
+                part_balance += block_balance
+                part_ambiguous += block_ambiguous
+            balance += part_balance
+            ambiguous += part_ambiguous
+        return balance, ambiguous
+
+    return merge
