@@ -354,3 +354,12 @@ def test_folds_add_the_base_as_torch_add_rounds_it(method, rounding, monkeypatch
         else:
             want = b + value * float(scale)
         assert bitwise_equal(got[key], want.to(base[key].dtype)), key
+
+
+def test_ties_on_inputs_the_native_kernels_refuse_adds_the_base_after_the_torch_fold(monkeypatch):
+    # float16 checkpoints: Ties.merge_into_base runs the torch fold and adds θ0 itself, as torch would.
+    base = make_state_dict(3, SHAPES, torch.float16)
+    fts = make_finetuned(base, 3, seed=4)
+    got = magmax.merge("ties", base, fts)
+    monkeypatch.setenv("MAGMAX_NATIVE", "0")
+    assert_state_dicts_bitwise_equal(got, magmax.merge("ties", base, fts))

@@ -331,16 +331,18 @@ class MergeRun:
             run_statistics(self.method, names, slices, len(self.finetuned), total)
         if not in_passing:
             return
-        readers = [(-1, self.base), *enumerate(self.finetuned)]
         if watch.proves_finite(len(self.finetuned) * len(names)):
-            self._checked.update((index, name) for index, _ in readers for name in names)
+            self._checked.update((index, name) for index in range(-1, len(self.finetuned)) for name in names)
             return
-        for name in names:  # the explicit check, naming the tensor
-            for index, reader in readers:
-                if name in self.units:
-                    self._load_unit(reader, index, self.units[name])
-                else:
-                    self._load(reader, index, name)
+        for name in names:
+            self._check_inputs(self._unit_of(name))
+
+    def _check_inputs(self, unit: Unit) -> None:
+        """θ0 and every θ_t of a unit loaded with the NaN/Inf check (which names the tensor): where the
+        kernels meant to check in passing could not vouch for every entry."""
+        self._load_unit(self.base, -1, unit)
+        for t, reader in enumerate(self.finetuned):
+            self._load_unit(reader, t, unit)
 
     def _statistics_checked_in_passing(self) -> bool:
         m = self.method
@@ -376,10 +378,8 @@ class MergeRun:
             taus = m.merge_tensors(list(unit.keys), slices)
         del slices
         if in_passing and not watch.proves_finite(len(self.finetuned)):
-            for key in unit.keys:  # the explicit check, naming the tensor, before anything is yielded
-                self._load(self.base, -1, key)
-                for t, reader in enumerate(self.finetuned):
-                    self._load(reader, t, key)
+            for key in unit.keys:  # before anything is yielded
+                self._check_inputs(self._unit_of(key))
         for key, base_tensor, tau in zip(unit.keys, bases, taus):
             merged = combine(base_tensor, tau, m.scale, self.out_dtype, reuse_tau=True)
             yield key, merged.to(self.output_device)
@@ -397,9 +397,7 @@ class MergeRun:
                 base_tensor = self._load_unit(self.base, -1, unit, check=False)
                 merged = self._merged(unit.name, self.slices(unit.name, base_tensor, check=False), base_tensor)
             if not watch.proves_finite(len(self.finetuned)):
-                self._load_unit(self.base, -1, unit)
-                for t, reader in enumerate(self.finetuned):
-                    self._load_unit(reader, t, unit)
+                self._check_inputs(unit)
         else:
             base_tensor = self._load_unit(self.base, -1, unit)
             merged = self._merged(unit.name, self.slices(unit.name, base_tensor), base_tensor)

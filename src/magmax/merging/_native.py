@@ -10,7 +10,8 @@ whenever numba imports and ``MAGMAX_NATIVE`` is not ``0``; numba itself is impor
 
 Exactness: the loops perform the same IEEE-754 float32 operations, in the same order, as the torch
 kernels (numba compiles without fast-math, so nothing is reassociated or contracted into an FMA), and
-the random hash is the same int64 arithmetic; the tests check bit equality against the torch kernels.
+the random hash is the same int64 arithmetic; θ0 + λ·τ*, where a fold writes it, is rounded as
+``torch.add`` rounds it on this machine (:func:`add_rounding`); the tests check bit equality.
 
 float32 and bfloat16 inputs take this path (a bfloat16 entry is read as its exact float32: its bits
 followed by 16 zeros, as ``Tensor.float()`` does); float16 and float64 checkpoints fall back to the torch

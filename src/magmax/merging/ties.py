@@ -72,6 +72,7 @@ from magmax.merging.base import (
     TensorStream,
     register,
 )
+from magmax.taskvector import combine
 
 
 class TiesOptions(MethodOptions):
@@ -178,30 +179,28 @@ class Ties(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         """τ* of one tensor; before the majority sign is known (deferred), on a guess of it."""
-        merged = self._merged(key, slices, None)
-        assert merged is not None
-        return merged
+        return self._merged(key, slices, None)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        """θ0 + scale·τ* written by the fused CPU pass where it runs (else None: the caller adds θ0)."""
+        """θ0 + scale·τ*: written by the fused CPU pass where it runs, else added after the torch fold."""
         if slices.base is None or not _native.enabled() or not _native.can_add_base(True):
             return None
         return self._merged(key, slices, scale)
 
-    def _merged(self, key: str, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:
-        """τ* (or, with ``scale``, θ0 + scale·τ* by the fused CPU pass; None where that does not run)."""
+    def _merged(self, key: str, slices: Sequence[Tensor], scale: float | None) -> Tensor:
+        """τ* (or, with ``scale``, θ0 + scale·τ*; θ0 = ``slices.base``)."""
         final = self._majority is not None
         majority = self._majority if final else self._guess
         native = self._native_pass(slices, majority > 0, scale)
         if native is not None:
             merged, balance, ambiguous = native
-        elif scale is not None:
-            return None
         else:
             state = self.fold(key, slices)
             merged = consensus_result(state, majority)
             if not final:
                 balance, ambiguous = elected_sign_balance(state), zero_sign_ambiguity(state)
+            if scale is not None:
+                merged = combine(slices.base, merged, scale, torch.float32, reuse_tau=True)  # type: ignore[attr-defined]
         if not final:
             self._balance += balance
             if ambiguous:
