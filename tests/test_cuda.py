@@ -17,7 +17,7 @@ from magmax.merging import _fused, _gpu
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-EXACT = ["magmax", "average", "task_arithmetic", "random"]
+EXACT = ["magmax", "average", "task_arithmetic", "random", "dare"]
 CLOSE = ["ties", "breadcrumbs", "consensus", "tsv", "iso_c", "iso_cts", "opcm"]
 
 
@@ -31,7 +31,7 @@ def models():
 @pytest.mark.parametrize("method", EXACT)
 def test_cuda_merge_is_bit_exact_with_cpu(models, method, kernels, monkeypatch):
     """Same IEEE operations in the same order on both devices: the Triton multi-tensor folds, or the torch
-    group kernels eager or compiled (random: same hash)."""
+    group kernels eager or compiled (random and DARE: same hash)."""
     base, fts = models
     want = magmax.merge(method, base, fts)
     monkeypatch.setenv("MAGMAX_TRITON", "1" if kernels == "triton" else "0")
@@ -72,7 +72,7 @@ def test_cuda_merge_matches_cpu(models, method):
 
 
 def test_cuda_dare_is_reproducible_and_drops_the_asked_fraction(models):
-    """DARE draws its masks from the device's generator (CPU and CUDA streams differ), seeded per tensor."""
+    """DARE's drops are a hash of (seed, tensor, task, index): reproducible, and about p of each τ_t."""
     base, fts = models
     first = magmax.merge("dare", base, fts, device="cuda", p=0.9, seed=3)
     assert_state_dicts_bitwise_equal(magmax.merge("dare", base, fts, device="cuda", p=0.9, seed=3), first)

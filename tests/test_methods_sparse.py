@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -117,11 +118,22 @@ def oracle_ties(base, fts, k=0.2, threshold="global"):
     return unflatten(merged, base, keys), unflatten(ref_resolve_sign(trimmed), base, keys)
 
 
+def dare_draws(numel: int, key: int) -> np.ndarray:
+    """The documented 32-bit draw h(i; k) for i = 0..numel−1, in plain uint64 arithmetic mod 2^32."""
+    m = np.uint64(0xFFFFFFFF)
+    h = (np.arange(numel, dtype=np.uint64) * np.uint64(0x61C88647) + np.uint64(key)) & m
+    for _ in range(2):
+        h ^= h >> np.uint64(16)
+        h = (h * np.uint64(0x45D9F3B)) & m
+    return h
+
+
 def dare_dropped(tau: torch.Tensor, p: float, seed: int, key: str, t: int) -> torch.Tensor:
-    """FusionBench's ``param * mask / (1 - p)`` with the package's documented per-(seed, key, task) draw."""
-    gen = torch.Generator().manual_seed(seed_for(seed, key, t))
-    keep = torch.rand(tau.shape, generator=gen) >= p
-    return tau * keep / (1 - p)
+    """FusionBench's ``where(mask, param / (1 - p), 0)`` with the package's documented per-(seed, key,
+    task, index) draw: kept iff h >= min(ceil(p·2^32), 2^32 − 1)."""
+    threshold = min(math.ceil(p * 2**32), 2**32 - 1)
+    keep = torch.from_numpy(dare_draws(tau.numel(), seed_for(seed, key, t)) >= threshold).reshape(tau.shape)
+    return torch.where(keep, tau / (1 - p), 0.0)
 
 
 def oracle_dare(base, fts, p, seed, combine="sum"):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 import magmax
 from magmax.errors import ConfigError
-from magmax.merging import TaskSlices, create_method
+from magmax.merging import TaskSlices, _native, create_method
 from magmax.merging.iso_cts import subspace_split
 from magmax.merging.opcm import split_rank
 from magmax.taskvector import task_vector
@@ -278,6 +278,8 @@ def test_kernels_walk_the_lazy_slices_a_bounded_number_of_times(method, passes):
     if method == "opcm":
         m.reduce_states([("w", m.fold("w", TaskSlices.from_list("w", taus)))])
     m.merge_tensor("w", slices)
+    if method == "consensus" and _native.enabled():
+        passes = 1  # the numba kernel sums and votes block by block: one read of each input
     assert slices.loads == passes * len(taus)
     assert all(torch.equal(a, b) for a, b in zip(taus, random_matrices(3, 5, 16, 12)))  # inputs untouched
 

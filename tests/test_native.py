@@ -24,7 +24,7 @@ from magmax.taskvector import add_scaled
 
 pytestmark = pytest.mark.skipif(not _native.enabled(), reason="numba is not importable here")
 
-FOLDS = ["magmax", "average", "task_arithmetic", "random"]
+FOLDS = ["magmax", "average", "task_arithmetic", "random", "dare"]
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def torch_kernels(monkeypatch):
 def native_calls(monkeypatch):
     """Count native group calls (to prove the native path ran)."""
     calls: list[str] = []
-    for name in ("magmax_group", "sum_group", "random_group"):
+    for name in ("magmax_group", "sum_group", "random_group", "dare_group"):
         original = getattr(_native, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -52,6 +52,7 @@ def native_calls(monkeypatch):
             ("magmax", "magmax_kernel"),
             ("task_arithmetic", "sum_kernel"),
             ("random", "random_kernel"),
+            ("dare", "dare_kernel"),
         ):
             import importlib
 
@@ -289,7 +290,7 @@ class _FromDisk:
 
 
 @pytest.mark.parametrize("count", [3, 11, 17])
-@pytest.mark.parametrize("method", ["ties", "magmax", "average"])
+@pytest.mark.parametrize("method", ["ties", "magmax", "average", "consensus"])
 def test_grouped_native_passes_equal_the_single_call(method, count, task_threads):
     """Out-of-core readers are read in groups of 8 inputs (TIES carries its fold state between groups);
     in-memory ones in one call per tensor: the same numbers either way."""
@@ -363,3 +364,105 @@ def test_ties_on_inputs_the_native_kernels_refuse_adds_the_base_after_the_torch_
     got = magmax.merge("ties", base, fts)
     monkeypatch.setenv("MAGMAX_NATIVE", "0")
     assert_state_dicts_bitwise_equal(got, magmax.merge("ties", base, fts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 2, 5, 11])
+@pytest.mark.parametrize("options", [{}, {"k": 1, "tall_mask_lambda": 0.4}, {"k": 0}, {"k": 4}])
+def test_native_consensus_equals_the_torch_kernel(options, count, dtype, torch_kernels, monkeypatch):
+    """The block kernel (sum, then votes, from cache) and the grouped passes of out-of-core merges make the
+    torch kernel's float32 operations: the same bits, θ0 + λ·τ* included."""
+    from magmax.engine import DictWriter, MergeRun
+    from magmax.merging import consensus as consensus_module
+    from magmax.merging import create_method
+
+    base = make_state_dict(43, SHAPES, dtype=dtype)
+    fts = make_finetuned(base, count, seed=44, quantum=0.125)  # sums that cancel: votes on ties and zeros
+    torch_kernels(False)
+    want = magmax.merge("consensus", base, fts, **options)
+    torch_kernels(True)
+    calls = []
+    for name in ("consensus_group", "tall_votes"):
+        original = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    assert_state_dicts_bitwise_equal(magmax.merge("consensus", base, fts, **options), want)
+    assert "consensus_group" in calls
+    calls.clear()
+    writer = DictWriter()
+    MergeRun(create_method("consensus", **options), _FromDisk(base, "base"),
+             [_FromDisk(ft, f"ft{i}") for i, ft in enumerate(fts)]).run(writer)
+    assert_state_dicts_bitwise_equal(writer.state, want)
+    assert ("tall_votes" in calls) == (count > _fused.GROUP)
+    assert consensus_module.Consensus.folds_natively
+
+
+def test_native_consensus_names_a_nan_input():
+    from magmax.errors import MergeInputError
+
+    base = make_state_dict(45, SHAPES)
+    fts = make_finetuned(base, 3, seed=46)
+    fts[1]["big"][123] = float("nan")
+    with pytest.raises(MergeInputError, match="big"):
+        magmax.merge("consensus", base, fts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [1, 3, 11])
+@pytest.mark.parametrize("options", [{}, {"bottom": 0.5, "top": 0.1}, {"bottom": 0.0, "top": 0.2}, {"bottom": 0.3, "top": 0.0}])
+def test_native_breadcrumbs_equals_the_torch_kernel(options, count, dtype, torch_kernels, monkeypatch):
+    """Bounds by sample, bracket and gather (tensors above SMALL_TENSOR) or by np.partition (below), then
+    the banded sum: kthvalue's bounds and the torch fold's bits, in memory, out of core and streaming."""
+    from magmax.engine import DictWriter, MergeRun
+    from magmax.merging import create_method
+
+    shapes = {**SHAPES, "huge": (3, 70_001)}
+    base = make_state_dict(47, shapes, dtype=dtype)
+    fts = make_finetuned(base, count, seed=48, quantum=0.0625)  # many equal magnitudes: ties at both bounds
+    torch_kernels(False)
+    want = magmax.merge("breadcrumbs", base, fts, **options)
+    merger = magmax.Merger("breadcrumbs", base, **options)
+    for ft in fts:
+        merger.add(ft)
+    want_tau = merger.task_vector()
+    torch_kernels(True)
+    calls = []
+    original = _native.band_sum_group
+    monkeypatch.setattr(_native, "band_sum_group", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert_state_dicts_bitwise_equal(magmax.merge("breadcrumbs", base, fts, **options), want)
+    assert calls
+    writer = DictWriter()
+    MergeRun(create_method("breadcrumbs", **options), _FromDisk(base, "base"),
+             [_FromDisk(ft, f"ft{i}") for i, ft in enumerate(fts)]).run(writer)
+    assert_state_dicts_bitwise_equal(writer.state, want)
+    merger = magmax.Merger("breadcrumbs", base, **options)
+    for ft in fts:
+        merger.add(ft)
+    assert_state_dicts_bitwise_equal(merger.task_vector(), want_tau)
+
+
+def test_breadcrumbs_bounds_are_exact_when_a_bracket_misses(monkeypatch):
+    """A bracket that misses its rank (here: forced) falls back to selecting from every magnitude."""
+    from magmax.merging import _threshold
+    from magmax.merging.breadcrumbs import breadcrumbs_mask
+
+    gen = torch.Generator().manual_seed(49)
+    taus = [torch.randn(100_003, generator=gen) * (t + 1) for t in range(3)]
+    monkeypatch.setattr(_threshold, "bracket_ranks", lambda taken, total, position: (0, 1))
+    method = magmax.create_method("breadcrumbs", bottom=0.6, top=0.05)
+    low, high = method.bounds(None, taus)
+    for t, tau in enumerate(taus):
+        n = tau.numel()
+        assert low[t] == float(torch.kthvalue(tau.abs(), int(0.6 * n) + 1).values)
+        assert high[t] == float(torch.kthvalue(tau.abs(), n - int(0.05 * n)).values)
+        keep = breadcrumbs_mask(tau, 0.6, 0.05)
+        assert torch.equal(keep, (tau.abs() >= float(low[t])) & (tau.abs() <= float(high[t])))
+
+
+def test_native_breadcrumbs_names_a_nan_input():
+    from magmax.errors import MergeInputError
+
+    base = make_state_dict(50, SHAPES)
+    fts = make_finetuned(base, 3, seed=51)
+    fts[2]["big"][77] = float("inf")
+    with pytest.raises(MergeInputError, match="big"):
+        magmax.merge("breadcrumbs", base, fts)

@@ -271,6 +271,68 @@ def random_group(state, base, inputs, first, last, params, group, divisor=None, 
     return finish is not None
 
 
+def dare_group(state, base, inputs, first, last, params, group, divisor=None, scale=None) -> bool:
+    """DARE's drop-and-rescale sum; ``params`` rows (k_t, thr_t, bits of float32(1 − p))."""
+    rows = params.numpy()
+    s = _array(state)
+    b, has_base = (_array(base), True) if base is not None else (_EMPTY, False)
+    xs = tuple(_array(x) for x in inputs)
+    finish = _finish_of(has_base, scale) if divisor is None else None  # a DARE sum is never divided
+    mode, scale32 = finish or _finish_of(has_base, None)
+    rescale = np.array([rows[0, 2]], dtype=np.int64).astype(np.uint32).view(np.float32)[0]
+    with _threads():
+        finite = _kernels().dare_fold(has_base, mode)(
+            s, b, has_base, first, xs, rows[:, 0].astype(np.uint32), rows[:, 1].astype(np.uint32), 0, rescale, scale32)
+    if has_base:
+        _report(int(finite), s.shape[0], len(inputs), has_base)
+    return finish is not None
+
+
+def band_sum_group(state, base, inputs, first, low, high, scale=None) -> bool:
+    """Breadcrumbs' fold of one group: ``state`` (+)= Σ_j where(low[j] <= |τ_j| <= high[j], τ_j, 0), then
+    θ0 + scale·state when ``scale`` is given and :func:`can_add_base`; returns whether it added θ0."""
+    s = _array(state)
+    b, has_base = (_array(base), True) if base is not None else (_EMPTY, False)
+    xs = tuple(_array(x) for x in inputs)
+    finish = _finish_of(has_base, scale)
+    mode, scale32 = finish or _finish_of(has_base, None)
+    with _threads():
+        finite = _kernels().band_sum_fold(mode)(s, b, has_base, first, xs, np.asarray(low, np.float32),
+                                                np.asarray(high, np.float32), scale32)
+    _report(int(finite), s.shape[0], len(inputs), has_base)
+    return finish is not None and scale is not None
+
+
+# -- Consensus ----------------------------------------------------------------------------------------
+
+
+def _parts(n: int) -> int:
+    """Threads for a kernel over ``n`` entries: one per SERIAL_NUMEL entries at most."""
+    return max(1, min(torch.get_num_threads(), n // max(SERIAL_NUMEL, 1)))
+
+
+def consensus_group(out, base, inputs, tall_mask_lambda, least, scale=None) -> bool:
+    """Consensus over every input of a tensor in one call: ``out`` = Σ τ_t · [TALL votes >= ``least``],
+    or θ0 + scale·that when ``scale`` is given and :func:`can_add_base`; returns whether it added θ0.
+    Reports to :func:`finite_watch` whether every sum was finite."""
+    b, has_base, arrays, addresses, n = _by_address(base, inputs)
+    finish = _finish_of(has_base, scale)
+    mode, scale32 = finish or _finish_of(has_base, None)
+    with _threads():
+        finite = _kernels().consensus_merge(mode)(_array(out), b, has_base, addresses, arrays[0], n,
+                                                  np.float32(tall_mask_lambda), least, _parts(n), scale32)
+    _report(int(finite), n, len(arrays), has_base)
+    return finish is not None and scale is not None
+
+
+def tall_votes(total, votes, base, inputs, tall_mask_lambda) -> None:
+    """``votes`` (int32) += the TALL votes of ``inputs`` against the finished sum ``total``."""
+    b, has_base, arrays, addresses, n = _by_address(base, inputs)
+    with _threads():
+        _kernels().tall_votes(_array(total), votes.numpy(), b, has_base, addresses, arrays[0], n,
+                              np.float32(tall_mask_lambda), _parts(n))
+
+
 # -- TIES ------------------------------------------------------------------------------------------
 
 
@@ -292,18 +354,28 @@ def sample_entries(base, inputs, phase, stride, out, filled) -> int:
     return int(taken[0])
 
 
-def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
+def count_and_gather(base, inputs, low, high, below, gathered, filled, report=True) -> None:
     """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them).
-    Where τ is formed from θ0 (the engine's merges), whether every |τ_j| was finite goes to
-    :func:`finite_watch`, as the folds report it."""
+    Where τ is formed from θ0 (the engine's merges) and ``report`` is set, whether every |τ_j| was finite
+    goes to :func:`finite_watch`, as the folds report it (a caller whose fold reads the same inputs
+    again, and reports them, passes False)."""
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
     k = _kernels()
-    kernel = k.count_gather(has_base)
+    kernel = k.count_gather(has_base and report)
     finite = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk],
                                                              high[blk], below[blk], gathered[blk], filled[blk]),
                              numel=n)
-    if has_base:
+    if has_base and report:
         _report(sum(int(f) for f in finite), n * len(arrays), len(arrays), has_base)
+
+
+def band_count_gather(base, inputs, low, high, below, gathered, filled) -> None:
+    """For every input j and bracket r (two per input): below[j, r] += #{|τ_j| < low[j, r]}; the |τ_j| in
+    [low[j, r], high[j, r]] go to gathered[j, r] (filled[j, r] counts them). Inputs split over threads."""
+    b, has_base, arrays, addresses, n = _by_address(base, inputs)
+    kernel = _kernels().band_count_gather
+    per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk], high[blk],
+                                                    below[blk], gathered[blk], filled[blk]), numel=n)
 
 
 SERIAL_NUMEL = 1 << 16
@@ -352,8 +424,7 @@ def ties_group(state, out, base, inputs, kappas, first, last, majority_positive,
     kap = np.asarray(kappas, dtype=np.float32)
     k = _kernels()
     with _threads():
-        # A thread per SERIAL_NUMEL entries at most: small tensors run on one.
-        parts = max(1, min(torch.get_num_threads(), n // max(SERIAL_NUMEL, 1)))
+        parts = _parts(n)
         if not last:
             k.ties_partial(ps, ns, pc, nc, b, has_base, addresses, arrays[0], n, kap, first, parts)
             return 0, 0

@@ -186,6 +186,23 @@ def sum_fold(divide: bool, finish: int):
 # -- random mix ---------------------------------------------------------------------------------
 
 
+_SPREAD = np.uint32(0x61C88647)
+_MIX = np.uint32(0x45D9F3B)
+_SHIFT = np.uint32(16)
+
+
+@njit(inline="always", cache=True)
+def _hash32(spread, key):  # pragma: no cover - compiled
+    """The draw of :mod:`magmax.merging.random` (and DARE's): two multiply–xorshift rounds of the
+    0x45D9F3B hash of spread + key. uint32 arithmetic wraps mod 2^32, exactly the torch kernel's int64
+    steps followed by "& 0xFFFFFFFF"."""
+    h = np.uint32(spread + key)
+    h = np.uint32(h ^ (h >> _SHIFT))
+    h = np.uint32(h * _MIX)
+    h = np.uint32(h ^ (h >> _SHIFT))
+    return np.uint32(h * _MIX)
+
+
 @_specialised
 def random_fold(count_finite: bool, finish: int):
     # ``count_finite``: the finite count of the folds above. It costs 1.4x here (the hash loop is
@@ -193,29 +210,53 @@ def random_fold(count_finite: bool, finish: int):
     # check it, ask for it.
     @njit(parallel=True, cache=True, nogil=True)
     def fold(state, base, has_base, first, x0, xs, keys, thresholds, offset, scale):  # pragma: no cover
-        # uint32 arithmetic wraps mod 2^32, exactly the torch kernel's int64 steps followed by "& 0xFFFFFFFF".
-        spread_mul = np.uint32(0x61C88647)
-        mix = np.uint32(0x45D9F3B)
-        shift = np.uint32(16)
         finite = 0
         for i in prange(state.shape[0]):
             b = f32(base[i]) if has_base else np.float32(0.0)
             choice = f32(x0[i]) - b if first else state[i]  # t = 0 is always taken
             probe = choice if first else np.float32(0.0)
-            spread = np.uint32(np.uint32(offset + i) * spread_mul)
+            spread = np.uint32(np.uint32(offset + i) * _SPREAD)
             j = 0
             for x in xs:
-                h = np.uint32(spread + keys[j])
-                h = np.uint32(h ^ (h >> shift))
-                h = np.uint32(h * mix)
-                h = np.uint32(h ^ (h >> shift))
-                h = np.uint32(h * mix)
+                h = _hash32(spread, keys[j])
                 v = f32(x[i]) - b
                 if count_finite:
                     probe += v
                 choice = v if h <= thresholds[j] else choice
                 j += 1
             state[i] = _finish(choice, b, finish, scale)
+            if count_finite:
+                finite += np.int32(abs(probe) < np.inf)
+        return finite
+
+    return fold
+
+
+# -- DARE (drop and rescale, then Σ) -------------------------------------------------------------
+
+
+@_specialised
+def dare_fold(count_finite: bool, finish: int):
+    # Σ_t where(h_t(i) >= thr_t, τ_t / (1 − p), 0) in task order. A first group starts the sum from −0.0,
+    # the identity of float addition (−0 + x is x for every x, −0 and +0 included), which gives exactly
+    # the torch kernel's "state = the first dropped τ" without a loop of its own for input 0.
+    @njit(parallel=True, cache=True, nogil=True)
+    def fold(state, base, has_base, first, xs, keys, thresholds, offset, divisor, scale):  # pragma: no cover
+        finite = 0
+        for i in prange(state.shape[0]):
+            b = f32(base[i]) if has_base else np.float32(0.0)
+            total = np.float32(-0.0) if first else state[i]
+            probe = np.float32(0.0)
+            spread = np.uint32(np.uint32(offset + i) * _SPREAD)
+            j = 0
+            for x in xs:
+                v = f32(x[i]) - b
+                if count_finite:
+                    probe += v
+                h = _hash32(spread, keys[j])
+                total = total + (v / divisor if h >= thresholds[j] else np.float32(0.0))
+                j += 1
+            state[i] = _finish(total, b, finish, scale)
             if count_finite:
                 finite += np.int32(abs(probe) < np.inf)
         return finite
@@ -473,3 +514,194 @@ def ties_merge(finish: int):
         return balance, ambiguous
 
     return merge
+
+
+# -- Consensus (TALL masks) ------------------------------------------------------------------------
+# Per block of entries: Σ_t τ_t in task order, then each task's TALL vote against that sum, re-reading
+# the block's inputs from cache: each input is read from memory once. Inputs as addresses (any count).
+
+CONSENSUS_BLOCK = 2048
+"""Entries per block of the consensus kernel (θ0, Σ and the votes: 24 KiB, in L1)."""
+
+
+@njit(inline="always", cache=True)
+def _tall_votes_block(at, m, addresses, like, n, b0, total, votes, lam):  # pragma: no cover - compiled
+    # votes[k] += [|τ_j| > λ_m·|Σ − τ_j|] for every input j of the call.
+    for j in range(addresses.shape[0]):
+        x = _input(addresses, j, like, n)
+        for k in range(m):
+            v = f32(x[at + np.uint64(k)]) - b0[k]
+            votes[k] += np.int32(abs(v) > abs(total[k] - v) * lam)
+
+
+@_specialised
+def consensus_merge(finish: int):
+    @njit(parallel=True, cache=True, nogil=True)
+    def merge(out, base, has_base, addresses, like, n, lam, least, parts, scale):  # pragma: no cover
+        # out = Σ_t τ_t · [#{t : |τ_t| > λ_m·|Σ − τ_t|} >= least], written as ``finish`` says. Returns how
+        # many entries' sums were finite (a NaN/Inf τ entry makes its sum NaN/Inf).
+        blocks = (n + CONSENSUS_BLOCK - 1) // CONSENSUS_BLOCK
+        count = addresses.shape[0]
+        finite = 0
+        for part in prange(parts):
+            b0 = np.empty(CONSENSUS_BLOCK, np.float32)
+            total = np.empty(CONSENSUS_BLOCK, np.float32)
+            votes = np.empty(CONSENSUS_BLOCK, np.int32)
+            part_finite = 0
+            for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
+                lo = blk * CONSENSUS_BLOCK
+                m = min(CONSENSUS_BLOCK, n - lo)
+                at = np.uint64(lo)  # unsigned indices: no wrap-around test, so LLVM vectorises
+                for k in range(m):
+                    b0[k] = f32(base[at + np.uint64(k)]) if has_base else np.float32(0.0)
+                x = _input(addresses, 0, like, n)
+                for k in range(m):
+                    total[k] = f32(x[at + np.uint64(k)]) - b0[k]
+                    votes[k] = 0
+                for j in range(1, count):
+                    x = _input(addresses, j, like, n)
+                    for k in range(m):
+                        total[k] = total[k] + (f32(x[at + np.uint64(k)]) - b0[k])
+                _tall_votes_block(at, m, addresses, like, n, b0, total, votes, lam)
+                block_finite = np.int32(0)
+                for k in range(m):
+                    s = total[k]
+                    block_finite += np.int32(abs(s) < np.inf)
+                    out[at + np.uint64(k)] = _finish(s * np.float32(votes[k] >= least), b0[k], finish, scale)
+                part_finite += block_finite
+            finite += part_finite
+        return finite
+
+    return merge
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def tall_votes(total, votes, base, has_base, addresses, like, n, lam, parts):  # pragma: no cover
+    # votes += the TALL votes of this call's inputs against the finished sum ``total`` (a group of a
+    # tensor whose inputs do not fit in one call).
+    blocks = (n + CONSENSUS_BLOCK - 1) // CONSENSUS_BLOCK
+    for part in prange(parts):
+        b0 = np.empty(CONSENSUS_BLOCK, np.float32)
+        s = np.empty(CONSENSUS_BLOCK, np.float32)
+        v = np.empty(CONSENSUS_BLOCK, np.int32)
+        for blk in range(part * blocks // parts, (part + 1) * blocks // parts):
+            lo = blk * CONSENSUS_BLOCK
+            m = min(CONSENSUS_BLOCK, n - lo)
+            at = np.uint64(lo)
+            for k in range(m):
+                i = at + np.uint64(k)
+                b0[k] = f32(base[i]) if has_base else np.float32(0.0)
+                s[k] = total[i]
+                v[k] = votes[i]
+            _tall_votes_block(at, m, addresses, like, n, b0, s, v, lam)
+            for k in range(m):
+                votes[at + np.uint64(k)] = v[k]
+
+
+# -- Σ of banded τ (Model Breadcrumbs) --------------------------------------------------------------
+
+
+@_specialised
+def band_sum_fold(finish: int):
+    # Σ_t where(low_t <= |τ_t| <= high_t, τ_t, 0) in task order; a first group starts from −0.0, the
+    # identity of float addition, which gives exactly "state = the first masked τ".
+    @njit(parallel=True, cache=True, nogil=True)
+    def fold(state, base, has_base, first, xs, low, high, scale):  # pragma: no cover - compiled
+        finite = 0
+        for i in prange(state.shape[0]):
+            b = f32(base[i]) if has_base else np.float32(0.0)
+            total = np.float32(-0.0) if first else state[i]
+            probe = np.float32(0.0)
+            j = 0
+            for x in xs:
+                v = f32(x[i]) - b
+                probe += v
+                a = abs(v)
+                total = total + (v if (a >= low[j]) & (a <= high[j]) else np.float32(0.0))
+                j += 1
+            state[i] = _finish(total, b, finish, scale)
+            finite += np.int32(abs(probe) < np.inf)
+        return finite
+
+    return fold
+
+
+BAND_STEP = 16
+"""Entries per counting step of :func:`band_count_gather` (one AVX-512 vector of float32): at a bracket
+share of a few percent, most steps hold no bracketed value and skip the copy-out."""
+
+
+@njit(inline="always", cache=True)
+def _compact_into(mags, lo, hi, hits, gathered, row, slot, filled):  # pragma: no cover - compiled
+    # The magnitudes of this step inside [lo, hi], appended to gathered[row, slot] (filled counts them,
+    # past the capacity too, so the caller sees an overflow).
+    cap = gathered.shape[2]
+    q = 0
+    for k in range(mags.shape[0]):
+        a = mags[k]
+        hits[q] = a
+        q += (a >= lo) & (a <= hi)
+    f = filled[row, slot]
+    for k in range(q):
+        if f < cap:
+            gathered[row, slot, f] = hits[k]
+        f += 1
+    filled[row, slot] = f
+
+
+@njit(cache=True, nogil=True)
+def band_count_gather(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
+    # For each input j and each of two brackets r: below[j, r] += #{|τ_j| < low[j, r]}, and the |τ_j| in
+    # [low[j, r], high[j, r]] go to gathered[j, r] (filled[j, r] counts them). One read of each input
+    # serves both brackets (a bracket with low = high = −1 never matches). Step by step, every input
+    # against the same entries of θ0, as ``count_gather``. Serial and nogil: threads take disjoint inputs.
+    count = addresses.shape[0]
+    full = n - n % BAND_STEP
+    shared_below, shared_filled = below, filled
+    below = np.zeros((count, 2), np.int64)  # private copies: threads share the callers' cache lines
+    filled = shared_filled.copy()
+    b0 = np.empty(BAND_STEP, np.float32)
+    mags = np.empty(BAND_STEP, np.float32)
+    hits = np.empty(BAND_STEP, np.float32)
+    for s in range(0, full, BAND_STEP):
+        if has_base:
+            for k in range(BAND_STEP):
+                b0[k] = f32(base[s + k])
+        else:
+            b0[:] = 0.0
+        for j in range(count):
+            x = _input(addresses, j, like, n)
+            lo0 = low[j, 0]
+            hi0 = high[j, 0]
+            lo1 = low[j, 1]
+            hi1 = high[j, 1]
+            below0 = np.int32(0)
+            upto0 = np.int32(0)
+            below1 = np.int32(0)
+            upto1 = np.int32(0)
+            for k in range(BAND_STEP):
+                a = abs(f32(x[s + k]) - b0[k])
+                mags[k] = a
+                below0 += np.int32(a < lo0)
+                upto0 += np.int32(a <= hi0)
+                below1 += np.int32(a < lo1)
+                upto1 += np.int32(a <= hi1)
+            below[j, 0] += below0
+            below[j, 1] += below1
+            if upto0 != below0:
+                _compact_into(mags, lo0, hi0, hits, gathered, j, 0, filled)
+            if upto1 != below1:
+                _compact_into(mags, lo1, hi1, hits, gathered, j, 1, filled)
+    tail = n - full
+    if tail:
+        for j in range(count):
+            x = _input(addresses, j, like, n)
+            for k in range(tail):
+                i = full + k
+                mags[k] = abs(f32(x[i]) - (f32(base[i]) if has_base else np.float32(0.0)))
+            for r in range(2):
+                for k in range(tail):
+                    below[j, r] += mags[k] < low[j, r]
+                _compact_into(mags[:tail], low[j, r], high[j, r], hits, gathered, j, r, filled)
+    shared_below += below
+    shared_filled[:] = filled

@@ -1,4 +1,4 @@
-"""Shared kernels of the sparsifying merges (TIES, DARE, Breadcrumbs).
+"""Shared kernels of the sparsifying merges (TIES, DARE-TIES).
 
 * **Top-k magnitude threshold** (TIES' "trim"), with the TIES reference's rounding: for d entries and a
   kept fraction K, the threshold is the magnitude of ascending rank ``d − int(d·K)`` (1-based), and every
@@ -13,7 +13,6 @@
   (Σ of the positive entries, Σ of the negative entries, their counts). Then
   elected sign s = sign(Σ⁺ + Σ⁻), zero elected signs become the global majority sign m, and
   τ* = Σ⁺/max(n⁺, 1) where the sign is positive, Σ⁻/max(n⁻, 1) otherwise.
-* **DARE's drop-and-rescale**: keep each entry with probability 1 − p, rescale survivors by 1/(1 − p).
 """
 
 from __future__ import annotations
@@ -205,16 +204,3 @@ def consensus_result(state: ConsensusState, majority: int) -> Tensor:
     pos_mean = pos_sum / pos_count.clamp(min=1)
     neg_mean = neg_sum / neg_count.clamp(min=1)
     return torch.where(positive, pos_mean, neg_mean)
-
-
-# -- DARE -----------------------------------------------------------------------------------------------
-
-
-def random_drop(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """DARE: keep each entry with probability 1 − p (a uniform draw u >= p), rescale survivors by 1/(1 − p).
-
-    ``u >= p`` (not ``u > p``) makes p = 0 keep every entry, so p = 0 is exactly task arithmetic.
-    Survivors are divided by (1 − p), as FusionBench does, rather than multiplied by its inverse.
-    """
-    draw = torch.rand(tau.shape, generator=generator, device=tau.device)
-    return torch.where(draw >= p, tau / (1.0 - p), 0.0)

@@ -192,3 +192,74 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
 
     _native.per_task_blocks(count, select)
     return found, kept
+
+
+# -- exact order statistics of one tensor's τ_t (Breadcrumbs' bounds) ---------------------------------
+
+TENSOR_SAMPLE = 1 << 14
+"""Sampled entries per task vector of one tensor (64 KiB of float32), for :func:`tensor_magnitude_ranks`."""
+
+SMALL_TENSOR = 1 << 15
+"""Tensors of at most this many entries are selected from directly (``np.partition`` of every |τ|)."""
+
+
+def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions: list[int]) -> np.ndarray:
+    """For each input j (τ_j = float32(x_j) − float32(θ0), flat, n entries each) and each 1-based ascending
+    rank in ``positions`` (at most two), the exact magnitude of that rank among |τ_j|: ``torch.kthvalue``'s
+    value. Returns float32 values of shape (inputs, ranks).
+
+    The steps of the global thresholds, per tensor: a sample brackets each rank, one counting pass per
+    input (:func:`magmax.merging._native.band_count_gather`, both ranks in the same read) counts the
+    magnitudes below each bracket and gathers those inside, ``np.partition`` picks the exact value. A rank
+    its bracket missed is selected from every |τ_j|: exact either way, the sample only decides the speed.
+    Native kernels only (float32 / bfloat16 inputs on the CPU).
+    """
+    count, ranks = len(inputs), len(positions)
+    if ranks > 2:
+        raise ValueError("at most two ranks per input")
+    n = inputs[0].numel()
+    out = np.empty((count, ranks), dtype=np.float32)
+    if not ranks:
+        return out
+
+    def magnitudes(j: int) -> np.ndarray:
+        tau = inputs[j].float() if base is None else inputs[j].float() - base.float()
+        return tau.abs().numpy()
+
+    if n <= SMALL_TENSOR:
+        for j in range(count):
+            chosen = np.partition(magnitudes(j), [p - 1 for p in positions])
+            out[j] = [chosen[p - 1] for p in positions]
+        return out
+    stride = max(1, n // TENSOR_SAMPLE)
+    sample = np.empty((count, n // stride + 2), dtype=np.float32)
+    taken = _native.sample_entries(base, inputs, 0, stride, sample, 0)
+    brackets = [bracket_ranks(taken, n, p) for p in positions]
+    wanted = sorted({i for pair in brackets for i in pair if 0 <= i < taken})
+    low = np.full((count, 2), -1.0, dtype=np.float32)  # a second bracket that never matches, if unused
+    high = np.full((count, 2), -1.0, dtype=np.float32)
+    cap = max(gather_capacity(lo, hi, taken, n) for lo, hi in brackets)
+    gathered = np.empty((count, 2, cap), dtype=np.float32)
+    below = np.zeros((count, 2), dtype=np.int64)
+    filled = np.zeros((count, 2), dtype=np.int64)
+
+    def bracket(tasks: slice) -> None:  # np.partition releases the GIL: inputs in parallel
+        for j in range(tasks.start, tasks.stop):
+            chosen = np.partition(np.abs(sample[j, :taken]), wanted) if wanted else sample[j, :taken]
+            for r, (lo_index, hi_index) in enumerate(brackets):
+                low[j, r] = chosen[lo_index] if lo_index >= 0 else 0.0
+                high[j, r] = chosen[hi_index] if hi_index < taken else np.inf
+
+    def select(tasks: slice) -> None:
+        for j in range(tasks.start, tasks.stop):
+            for r, position in enumerate(positions):
+                inside = int(position - below[j, r])
+                if 1 <= inside <= filled[j, r] <= cap:
+                    out[j, r] = np.partition(gathered[j, r, : filled[j, r]], inside - 1)[inside - 1]
+                else:  # the bracket missed (or overflowed): select from every magnitude
+                    out[j, r] = np.partition(magnitudes(j), position - 1)[position - 1]
+
+    _native.per_task_blocks(count, bracket)
+    _native.band_count_gather(base, inputs, low, high, below, gathered, filled)
+    _native.per_task_blocks(count, select)
+    return out

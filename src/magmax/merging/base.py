@@ -25,7 +25,6 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
@@ -224,12 +223,6 @@ class MergeMethod:
 def seed_for(seed: int, key: str, t: int = 0) -> int:
     """A stable per-(seed, tensor, task) seed, so random methods do not depend on tensor order."""
     return zlib.crc32(f"{seed}\x00{key}\x00{t}".encode()) & 0x7FFF_FFFF
-
-
-def generator_for(seed: int, key: str, t: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed_for(seed, key, t))
-    return gen
 
 
 # -- batch merges --------------------------------------------------------------------------------

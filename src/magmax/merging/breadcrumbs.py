@@ -17,17 +17,30 @@ deterministic and the result independent of the sort algorithm.
 
 The mask depends only on (tensor, task), so the merge is a fold with one tensor of state (the sum).
 
+How it computes, on CPU (numba, float32 and bfloat16 checkpoints), per group of up to ``_fused.GROUP``
+inputs of a tensor: the exact bounds of every task by :func:`magmax.merging._threshold.tensor_magnitude_ranks`
+(a sample brackets each rank, one counting pass gathers the magnitudes inside the brackets,
+``np.partition`` picks the exact values: ``kthvalue``'s, without sorting each tensor twice per task),
+then one fold pass that sums the banded τ_t in task order and writes θ0 + λ·τ*. Elsewhere the torch
+kernel: ``kthvalue`` and ``where`` per task. Both make the same float32 additions in the same order.
+
 Davari, Belilovsky. "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV 2024.
 arXiv:2312.06795.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from magmax.merging.base import MergeMethod, MethodOptions, register
+from magmax.merging import _fused, _native
+from magmax.merging._threshold import tensor_magnitude_ranks
+from magmax.merging.base import MergeMethod, MethodOptions, TaskSlices, register
+from magmax.taskvector import add_scaled
 
 
 class BreadcrumbsOptions(MethodOptions):
@@ -67,16 +80,72 @@ class Breadcrumbs(MergeMethod):
     default_scale = 0.3
     foldable = True
 
+    # The native fold forms every τ_t and counts the finite sums; where it does not run, the engine checks.
+    folds_natively = True
+
     def _sparsified(self, tau: Tensor) -> Tensor:
         keep = breadcrumbs_mask(tau, self.options.bottom, self.options.top)
         # The fold adds into its state in place, so the first slice must never be returned as is.
         return tau.clone() if keep is None else torch.where(keep, tau, 0.0)
 
     def init(self, key: str, first: Tensor) -> Tensor:
-        return self._sparsified(first)
+        state = torch.empty(first.shape, dtype=torch.float32)
+        if self._native_group(state.view(-1), None, [first.reshape(-1)], True, None) is None:
+            return self._sparsified(first)
+        return state
 
     def update(self, state: Tensor, tau: Tensor, t: int, key: str) -> Tensor:
-        return state.add_(self._sparsified(tau))
+        if self._native_group(state.view(-1), None, [tau.reshape(-1)], False, None) is None:
+            state.add_(self._sparsified(tau))
+        return state
 
     def result(self, state: Tensor, key: str) -> Tensor:
         return state
+
+    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        merged = self._native_fold(slices, None)
+        return merged if merged is not None else super().merge_tensor(key, slices)
+
+    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        return self._native_fold(slices, scale) if slices.base is not None else None
+
+    def bounds(self, base: Tensor | None, inputs: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(low_t, high_t) of every input's band (float32; −inf / +inf where that side masks nothing)."""
+        n = inputs[0].numel()
+        n_bottom, n_top = int(self.options.bottom * n), int(self.options.top * n)
+        positions = ([n_bottom + 1] if n_bottom else []) + ([n - n_top] if n_top else [])
+        values = tensor_magnitude_ranks(base, inputs, positions)
+        low = values[:, 0] if n_bottom else np.full(len(inputs), -np.inf, np.float32)
+        high = values[:, -1] if n_top else np.full(len(inputs), np.inf, np.float32)
+        return low, high
+
+    def _native_group(self, state: Tensor, base: Tensor | None, inputs: list[Tensor], first: bool,
+                      scale: float | None) -> bool | None:
+        """One group of the fold by the numba kernels: whether it added θ0 (with ``scale``), or None
+        where they do not take the inputs (the state is then untouched)."""
+        if not (_native.enabled() and _native.accepts(state, base, inputs, _fused.GROUP)):
+            return None
+        try:
+            low, high = self.bounds(base, inputs)
+            return _native.band_sum_group(state, base, inputs, first, low, high, scale)
+        except Exception as exc:  # the native kernels are an optimisation: the torch kernel is exact too
+            _native.disable(exc)
+            return None
+
+    def _native_fold(self, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:
+        """τ* (or θ0 + scale·τ*) group by group; None where the native kernels do not take the inputs."""
+        count = len(slices)
+        state: Tensor | None = None
+        added = False
+        base = None
+        for start, stop, base, xs, shape in _fused.groups(_fused._operands_of(slices), count):
+            if state is None:
+                state = torch.empty(xs[0].numel(), dtype=torch.float32)
+            done = self._native_group(state, base, xs, start == 0, scale if stop == count else None)
+            if done is None:
+                return None
+            added = done
+        assert state is not None
+        if scale is not None and not added:
+            add_scaled(base, state, scale, out=state)
+        return state.view(shape)

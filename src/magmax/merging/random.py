@@ -46,6 +46,22 @@ def _xorshift16(x: Tensor, tmp: Tensor) -> None:
     x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
+def spread_indices(offset: int, ws: _fused.Workspace) -> Tensor:
+    """(i·0x61C88647) mod 2^32 for the flat indices i of a chunk starting at ``offset`` (int64)."""
+    spread = torch.arange(offset, offset + ws.numel, out=ws.buffer(torch.int64))
+    return spread.bitwise_and_(_LOW32).mul_(_SPREAD).bitwise_and_(_LOW32)
+
+
+def hash_draws(spread: Tensor, key: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+    """h(i; k) of the module docstring, for every index of ``spread`` (:func:`spread_indices`), into
+    ``out`` (int64 holding uint32 values; ``tmp``: int64 scratch). Shared with DARE's drops."""
+    torch.add(spread, key, out=out).bitwise_and_(_LOW32)
+    for _ in range(2):
+        _xorshift16(out, tmp)
+        out.mul_(_MIX).bitwise_and_(_LOW32)
+    return out
+
+
 @_fused.native(_native.random_group, gpu="random")
 def random_kernel(
     choice: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
@@ -57,23 +73,18 @@ def random_kernel(
     assert step.params is not None
     base32 = _fused.base_f32(base, ws)
     bits = choice.view(torch.int32)
-    numel = choice.shape[0]
     start = 0
     if step.first:  # t = 0 is always taken
         _fused.tau_into(choice, inputs[0], base32)
         start = 1
-    spread = torch.arange(step.offset, step.offset + numel, out=ws.buffer(torch.int64))
-    spread.bitwise_and_(_LOW32).mul_(_SPREAD).bitwise_and_(_LOW32)
+    spread = spread_indices(step.offset, ws)
     h = ws.buffer(torch.int64)
     tmp = ws.buffer(torch.int64)
     keep = ws.buffer(torch.int32)
     scratch = ws.buffer(torch.float32)
     for j in range(start, len(inputs)):
         cur = _fused.tau_of(scratch, inputs[j], base32).view(torch.int32)
-        torch.add(spread, step.params[j, 0], out=h).bitwise_and_(_LOW32)
-        for _ in range(2):
-            _xorshift16(h, tmp)
-            h.mul_(_MIX).bitwise_and_(_LOW32)
+        hash_draws(spread, step.params[j, 0], h, tmp)
         # keep = −1 where h > thr − 1 (the entry stays), 0 where τ_t replaces it
         torch.sub(step.params[j, 1], h, out=tmp).bitwise_right_shift_(63)
         keep.copy_(tmp)
