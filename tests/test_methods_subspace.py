@@ -552,3 +552,32 @@ def test_opcm_embeddings_and_non_matrices_are_added_without_projection():
         TaskSlices.from_list("e", [tv["embeddings.position_embedding.weight"] for tv in taus]),
     )
     assert not torch.equal(projected[0], sum(tv["embeddings.position_embedding.weight"] for tv in taus))
+
+
+def test_opcm_batch_merge_of_models_in_memory_folds_each_tensor_once(monkeypatch):
+    """In memory, the statistics pass keeps each tensor's S for merge_tensor (T − 1 SVDs per matrix, not
+    2(T − 1)); out of core the fold runs again. The same bits either way."""
+    from magmax.engine import DictReader, DictWriter, MergeRun
+    from magmax.merging import opcm as opcm_module
+
+    base, finetuned = tiny_models(6, 4)
+    folds: list[str] = []
+    original = opcm_module.OPCM.fold
+    monkeypatch.setattr(opcm_module.OPCM, "fold", lambda self, key, slices: folds.append(key) or original(self, key, slices))
+    in_memory = magmax.merge("opcm", base, finetuned)
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    assert sorted(folds) == sorted(keys)
+
+    class FromDisk:  # a reader the engine does not know to be in memory: its slices are not resident
+        def __init__(self, state, name):
+            self._reader = DictReader(state, name)
+            self.name = name
+            self.keys, self.meta, self.get = self._reader.keys, self._reader.meta, self._reader.get
+
+    folds.clear()
+    writer = DictWriter()
+    run = MergeRun(create_method("opcm"), FromDisk(base, "base"), [FromDisk(ft, f"ft{i}") for i, ft in enumerate(finetuned)])
+    run.run(writer)
+    assert sorted(folds) == sorted(keys + keys)
+    for key, value in in_memory.items():
+        assert torch.equal(writer.state[key], value), key

@@ -36,8 +36,12 @@ removed for every i, and norms are over all floating-point tensors. Where this d
   projection depends on the arbitrary singular vectors of a zero matrix; here τ̃_t = τ_t.
 
 A fold (``foldable``): the state per tensor is S (one tensor, whatever t) and the per-task squared
-norms of that tensor (t floats); the global norms come from ``reduce_states``. The batch merge
-runs the fold twice (once for the norms, once for the result), i.e. 2(T−1) SVDs per matrix.
+norms of that tensor (t floats); the global norms come from ``reduce_states``. The batch merge needs
+every tensor's S before any result (the norms are global). When the models are in memory already
+(``TaskSlices.resident``), the statistics pass keeps each S until that tensor's ``merge_tensor``
+scales it: T−1 SVDs per matrix, and one model's worth of memory held, which the merged model itself
+then takes over. Out of core, where that would make memory grow with the model, the fold runs again
+for the result: 2(T−1) SVDs per matrix.
 
 Tang, Zhang, Li, Shen, Tao. "Merging Models on the Fly Without Retraining: A Sequential Approach
 to Scalable Continual Model Merging", arXiv:2501.09522 (2025).
@@ -46,7 +50,7 @@ to Scalable Continual Model Merging", arXiv:2501.09522 (2025).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -104,6 +108,18 @@ class OPCM(MergeMethod):
         super().__init__(options)
         self._mean_task_norm: float | None = None
         self._merged_norm: float | None = None
+        self._folded: dict[str, OpcmState] = {}
+        """Fold states of the statistics pass, kept for ``merge_tensor`` (models in memory only)."""
+
+    def global_contribution(self, key: str, slices: Sequence[Tensor]) -> OpcmState:
+        state = self.fold(key, slices)
+        if getattr(slices, "resident", False):
+            self._folded[key] = state
+        return state
+
+    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        state = self._folded.pop(key, None)
+        return self.result(state if state is not None else self.fold(key, slices), key)
 
     def init(self, key: str, first: Tensor) -> OpcmState:
         return first.to(torch.float32).clone(), (squared_norm(first),)
