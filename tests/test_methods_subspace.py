@@ -581,3 +581,28 @@ def test_opcm_batch_merge_of_models_in_memory_folds_each_tensor_once(monkeypatch
     assert sorted(folds) == sorted(keys + keys)
     for key, value in in_memory.items():
         assert torch.equal(writer.state[key], value), key
+
+
+def test_an_svd_that_does_not_converge_in_float32_is_taken_in_float64(monkeypatch):
+    """LAPACK's float32 SVD can fail on nearly rank-deficient inputs (seen on Iso-CTS with repeated task
+    vectors); the subspace methods then use the float64 SVD instead of stopping the merge."""
+    from magmax.merging import _subspace
+
+    real_svd = torch.linalg.svd
+    failed: list[torch.dtype] = []
+
+    def float32_fails(a, full_matrices=True):
+        if a.dtype == torch.float32:
+            failed.append(a.dtype)
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, full_matrices=full_matrices)
+
+    matrix = random_matrices(7, 1, 9, 6)[0]
+    u64, s64, vh64 = real_svd(matrix.double(), full_matrices=False)
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+    u, s, vh = _subspace.thin_svd(matrix)
+    assert failed and u.dtype == s.dtype == vh.dtype == torch.float32
+    assert torch.equal(u, u64.float()) and torch.equal(s, s64.float()) and torch.equal(vh, vh64.float())
+    base, finetuned = tiny_models(8, 3)
+    merged = magmax.merge("iso_cts", base, finetuned)
+    assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())

@@ -430,14 +430,19 @@ def test_native_breadcrumbs_equals_the_torch_kernel(options, count, dtype, torch
     assert_state_dicts_bitwise_equal(merger.task_vector(), want_tau)
 
 
-def test_breadcrumbs_bounds_are_exact_when_a_bracket_misses(monkeypatch):
-    """A bracket that misses its rank (here: forced) falls back to selecting from every magnitude."""
+@pytest.mark.parametrize("failure", ["bracket misses", "gather overflows"])
+def test_breadcrumbs_bounds_are_exact_when_a_bracket_fails(failure, monkeypatch):
+    """A bracket that misses its rank, or holds more magnitudes than the room for them (both forced here),
+    falls back to selecting from every magnitude."""
     from magmax.merging import _threshold
     from magmax.merging.breadcrumbs import breadcrumbs_mask
 
     gen = torch.Generator().manual_seed(49)
     taus = [torch.randn(100_003, generator=gen) * (t + 1) for t in range(3)]
-    monkeypatch.setattr(_threshold, "bracket_ranks", lambda taken, total, position: (0, 1))
+    if failure == "bracket misses":
+        monkeypatch.setattr(_threshold, "bracket_ranks", lambda taken, total, position: (0, 1))
+    else:
+        monkeypatch.setattr(_threshold, "gather_capacity", lambda *args: 40)
     method = magmax.create_method("breadcrumbs", bottom=0.6, top=0.05)
     low, high = method.bounds(None, taus)
     for t, tau in enumerate(taus):

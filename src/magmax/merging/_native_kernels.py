@@ -51,6 +51,39 @@ def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
     return sig, codegen
 
 
+@intrinsic
+def _compress_band16(typingctx, dst, src, low, high):  # pragma: no cover - compiled
+    """Store the entries of src[0:16] that lie in [low, high] one after another at dst[0:] (LLVM's
+    llvm.masked.compressstore: one vcompressps on AVX-512, a scalar sequence elsewhere); returns how
+    many. dst must have room for 16."""
+    sig = types.intp(dst, src, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        dst_array, src_array, lo, hi = args
+        f32 = ir.FloatType()
+        vector = ir.VectorType(f32, 16)
+        mask_type = ir.VectorType(ir.IntType(1), 16)
+        src_data = context.make_array(signature.args[1])(context, builder, src_array).data
+        dst_data = context.make_array(signature.args[0])(context, builder, dst_array).data
+        values = builder.load(builder.bitcast(src_data, vector.as_pointer()), align=4)
+        undef = ir.Constant(vector, ir.Undefined)
+        lanes = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+        zero = ir.Constant(ir.IntType(32), 0)
+        lo_v = builder.shuffle_vector(builder.insert_element(undef, lo, zero), undef, lanes)
+        hi_v = builder.shuffle_vector(builder.insert_element(undef, hi, zero), undef, lanes)
+        inside = builder.and_(builder.fcmp_ordered(">=", values, lo_v), builder.fcmp_ordered("<=", values, hi_v))
+        store = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [vector, f32.as_pointer(), mask_type]),
+            "llvm.masked.compressstore.v16f32")
+        builder.call(store, [values, dst_data, inside])
+        popcount = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(16)])
+        return builder.zext(builder.call(popcount, [builder.bitcast(inside, ir.IntType(16))]), ir.IntType(64))
+
+    return sig, codegen
+
+
 KEEP_TAU = 0
 """``finish`` of a fold: write τ* itself."""
 ADD_FUSED = 1
@@ -649,6 +682,17 @@ def _compact_into(mags, lo, hi, hits, gathered, row, slot, filled):  # pragma: n
     filled[row, slot] = f
 
 
+@njit(inline="always", cache=True)
+def _compress_step(mags, lo, hi, gathered, row, slot, filled):  # pragma: no cover - compiled
+    # The step's magnitudes in [lo, hi] appended to gathered[row, slot]; without room for a whole step,
+    # filled is set past the capacity (the caller then selects from every magnitude).
+    f = filled[row, slot]
+    if f + BAND_STEP <= gathered.shape[2]:
+        filled[row, slot] = f + _compress_band16(gathered[row, slot, f:], mags, lo, hi)
+    else:
+        filled[row, slot] = gathered.shape[2] + 1
+
+
 @njit(cache=True, nogil=True)
 def band_count_gather(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
     # For each input j and each of two brackets r: below[j, r] += #{|τ_j| < low[j, r]}, and the |τ_j| in
@@ -656,7 +700,8 @@ def band_count_gather(base, has_base, addresses, like, n, low, high, below, gath
     # serves both brackets (a bracket with low = high = −1 never matches). Step by step, every input
     # against the same entries of θ0, as ``count_gather``. The counts are kept per lane (summed at the
     # end: no reduction per step, half the time of one); a step is copied out only if some magnitude
-    # falls in a bracket. Serial and nogil: threads take disjoint inputs.
+    # falls in a bracket, by a compress-store (``_compress_band16``). Serial and nogil: threads take
+    # disjoint inputs.
     count = addresses.shape[0]
     full = n - n % BAND_STEP
     lanes = np.zeros((count, 2, BAND_STEP), np.int32)  # < 2^31 per lane: n < 2^35
@@ -687,10 +732,9 @@ def band_count_gather(base, has_base, addresses, like, n, low, high, below, gath
                 below1[k] += np.int32(a < lo1)
                 inside0 |= (a >= lo0) & (a <= hi0)
                 inside1 |= (a >= lo1) & (a <= hi1)
-            if inside0:
-                _compact_into(mags, lo0, hi0, hits, gathered, j, 0, counted)
-            if inside1:
-                _compact_into(mags, lo1, hi1, hits, gathered, j, 1, counted)
+            if inside0 | inside1:
+                _compress_step(mags, lo0, hi0, gathered, j, 0, counted)
+                _compress_step(mags, lo1, hi1, gathered, j, 1, counted)
     for j in range(count):
         for r in range(2):
             below[j, r] += lanes[j, r].astype(np.int64).sum()

@@ -37,8 +37,18 @@ def is_matrix(key: str, tensor: Tensor, exclude: Sequence[str] = ()) -> bool:
 
 
 def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A = U·diag(S)·Vh with U: m×r, S: r, Vh: r×n, r = min(m, n), in float32."""
-    return torch.linalg.svd(matrix.to(torch.float32), full_matrices=False)
+    """A = U·diag(S)·Vh with U: m×r, S: r, Vh: r×n, r = min(m, n), in float32.
+
+    Where LAPACK's float32 SVD does not converge (it happens on nearly rank-deficient inputs with many
+    repeated singular values, such as the concatenated singular vectors of repeated task vectors: seen on
+    a 768×768 block of Iso-CTS with ten tasks, four distinct), the float64 SVD, rounded to float32.
+    """
+    a = matrix.to(torch.float32)
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
+        return u.to(torch.float32), s.to(torch.float32), vh.to(torch.float32)
 
 
 def polar_factor(matrix: Tensor) -> Tensor:
