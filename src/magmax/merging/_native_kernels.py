@@ -723,18 +723,13 @@ def band_count_gather(base, has_base, addresses, like, n, low, high, below, gath
             hi1 = high[j, 1]
             below0 = lanes[j, 0]
             below1 = lanes[j, 1]
-            inside0 = False
-            inside1 = False
             for k in range(BAND_STEP):
                 a = abs(f32(x[s + k]) - b0[k])
                 mags[k] = a
                 below0[k] += np.int32(a < lo0)
                 below1[k] += np.int32(a < lo1)
-                inside0 |= (a >= lo0) & (a <= hi0)
-                inside1 |= (a >= lo1) & (a <= hi1)
-            if inside0 | inside1:
-                _compress_step(mags, lo0, hi0, gathered, j, 0, counted)
-                _compress_step(mags, lo1, hi1, gathered, j, 1, counted)
+            _compress_step(mags, lo0, hi0, gathered, j, 0, counted)
+            _compress_step(mags, lo1, hi1, gathered, j, 1, counted)
     for j in range(count):
         for r in range(2):
             below[j, r] += lanes[j, r].astype(np.int64).sum()
