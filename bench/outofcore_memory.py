@@ -12,6 +12,7 @@ the bench finds the smallest cap (in 64 MB steps) under which the smallest confi
 
     .venv/bin/python bench/outofcore_memory.py                       # sizes 0.5 and 2 GB, T = 2 and 8
     .venv/bin/python bench/outofcore_memory.py --sizes 0.1 --tasks 2,4 --tensor-mb 4   # a quick look
+    .venv/bin/python bench/outofcore_memory.py --method consensus --sizes 0.5 --tasks 2,8,16
 
 Needs (max T + 1) × SIZE of free disk per size (22.5 GB for the defaults) under --workdir; the files
 are deleted at the end unless --keep. Not a test: minutes of CPU.
@@ -59,6 +60,10 @@ def write_model(path: Path, tensors: int, numel: int, model: int) -> None:
     part.rmdir()
 
 
+METHOD = "magmax"
+"""The merging method of every run (``--method``)."""
+
+
 def merge(base: Path, finetuned: list[Path], out: Path, limit: int | None) -> ChildRun:
     argv = [
         sys.executable,
@@ -66,7 +71,7 @@ def merge(base: Path, finetuned: list[Path], out: Path, limit: int | None) -> Ch
         CHILD,
         "merge",
         "--method",
-        "magmax",
+        METHOD,
         "--base",
         str(base),
         *map(str, finetuned),
@@ -106,7 +111,10 @@ def main() -> None:
     parser.add_argument("--limit", default="auto", help="address-space limit: auto, none, or a size such as 3GB")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "magmax-outofcore-bench")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints for a later run")
+    parser.add_argument("--method", default="magmax", help="the merging method (a registry name)")
     args = parser.parse_args()
+    global METHOD
+    METHOD = args.method
     sizes = [float(s) for s in args.sizes.split(",")]
     tasks = sorted(int(t) for t in args.tasks.split(","))
     numel = int(args.tensor_mb * 1e6 / 4)
@@ -119,7 +127,7 @@ def main() -> None:
         path.parent.mkdir(exist_ok=True)
         write_model(path, 1, 1000, m)
     baseline = merge(tiny[0], tiny[1:], work / "tiny" / "out", None).peak_rss_bytes
-    print(f"fixed cost: the same merge of a model of one 4 kB tensor: peak RSS {format_bytes(baseline)}")
+    print(f"method {METHOD}; fixed cost: the same merge of a model of one 4 kB tensor: peak RSS {format_bytes(baseline)}")
 
     rows = []
     limit: int | None = None

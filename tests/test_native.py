@@ -465,3 +465,39 @@ def test_native_kernels_of_the_sparse_methods_name_a_non_finite_input(method, ba
     fts[2]["big"][77] = bad
     with pytest.raises(MergeInputError, match="big"):
         magmax.merge(method, base, fts)
+
+
+class _CountingDisk(_FromDisk):
+    """A reader that hands out a fresh tensor per read and counts how many of them are alive at once."""
+
+    alive = 0
+    most = 0
+
+    def get(self, key):
+        import weakref
+
+        tensor = super().get(key).clone()
+        cls = _CountingDisk
+        cls.alive += 1
+        cls.most = max(cls.most, cls.alive)
+
+        def gone():
+            cls.alive -= 1
+
+        weakref.finalize(tensor, gone)
+        return tensor
+
+
+@pytest.mark.parametrize("method", ["consensus", "breadcrumbs", "dare", "magmax", "ties", "average"])
+def test_out_of_core_merges_hold_at_most_a_group_of_raw_tensors(method):
+    """Out of core, a merge of T = 20 models holds at most GROUP fine-tuned tensors at a time, whatever
+    passes the method makes (a loop that kept its last group while reading the next held two)."""
+    from magmax.engine import DictWriter, MergeRun
+    from magmax.merging import create_method
+
+    base = make_state_dict(52, SHAPES)
+    fts = make_finetuned(base, 20, seed=53)
+    _CountingDisk.alive = _CountingDisk.most = 0
+    MergeRun(create_method(method), _FromDisk(base, "base"),
+             [_CountingDisk(ft, f"ft{i}") for i, ft in enumerate(fts)]).run(DictWriter())
+    assert 0 < _CountingDisk.most <= _fused.GROUP

@@ -60,6 +60,7 @@ def _native_groups(slices: TaskSlices, count: int) -> Iterator[tuple[int, int, T
         if not _native.accepts_inputs(base, xs, size):
             raise _NotNative
         yield start, stop, base, xs
+        del xs, base  # before the next group is read: at most one group of raw tensors at a time
 
 
 @dataclass

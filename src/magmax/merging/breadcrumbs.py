@@ -89,7 +89,7 @@ class Breadcrumbs(MergeMethod):
         return tau.clone() if keep is None else torch.where(keep, tau, 0.0)
 
     def init(self, key: str, first: Tensor) -> Tensor:
-        state = torch.empty(first.shape, dtype=torch.float32)
+        state = torch.empty(first.shape, dtype=torch.float32, device=first.device)
         if self._native_group(state.view(-1), None, [first.reshape(-1)], True, None) is None:
             return self._sparsified(first)
         return state
@@ -140,8 +140,9 @@ class Breadcrumbs(MergeMethod):
         base = None
         for start, stop, base, xs, shape in _fused.groups(_fused._operands_of(slices), count):
             if state is None:
-                state = torch.empty(xs[0].numel(), dtype=torch.float32)
+                state = torch.empty(xs[0].numel(), dtype=torch.float32, device=xs[0].device)
             done = self._native_group(state, base, xs, start == 0, scale if stop == count else None)
+            del xs  # before the next group is read: at most GROUP raw tensors at a time
             if done is None:
                 return None
             added = done

@@ -111,6 +111,7 @@ class Consensus(MergeMethod):
             if not _native.accepts_inputs(base, xs, _fused.GROUP):
                 return None  # (other dtypes: rare out of core) the torch kernel starts over
             _native.tall_votes(total, votes, base, xs, lam)
+            del xs  # before the next group is read: at most GROUP raw tensors at a time
         merged = total.mul_(votes >= least)
         if scale is not None:
             add_scaled(base, merged, scale, out=merged)
