@@ -54,9 +54,11 @@ class _NotNative(Exception):
     """A tensor the native kernels do not take (not float32 / not on the CPU)."""
 
 
-def _native_groups(slices: TaskSlices, count: int) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
+def _native_groups(slices: TaskSlices, first: int, count: int) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
+    """Groups of the tasks first..first+count−1 (``start``, ``stop`` counted from ``first``)."""
     size = count if slices.resident else _fused.GROUP  # in memory already: every task in one call
-    for start, stop, base, xs, _ in _fused.groups(slices.operands, count, size):
+    operands = slices.operands if first == 0 else (lambda t: slices.operands(first + t))
+    for start, stop, base, xs, _ in _fused.groups(operands, count, size):
         if not _native.accepts_inputs(base, xs, size):
             raise _NotNative
         yield start, stop, base, xs
@@ -136,8 +138,26 @@ def gather_capacity(lo_index: int, hi_index: int, taken: int, total: int) -> int
 
 
 def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> tuple[list[float | None], np.ndarray]:
-    """κ_t by sample → bracket → count and gather (None where the bracket did not decide), and the sample."""
-    stride = sample_stride(total, count)
+    """κ_t by sample → bracket → count and gather (None where the bracket did not decide), and the sample.
+
+    Models in memory: every task in one block. Out of core: blocks of ``_fused.GROUP`` tasks, each with
+    its own passes over the model, so that the samples and gathered magnitudes (a few MiB to 32 MiB
+    per task) do not grow with T; every fine-tuned model is still read twice, θ0 twice per block."""
+    resident = next((slices.resident for _, slices in stream()), True)
+    block = count if resident else _fused.GROUP
+    stride = sample_stride(total, min(count, block))  # the same sampled positions in every block
+    found: list[float | None] = []
+    kept: list[np.ndarray] = []
+    for first in range(0, count, block):
+        found_block, kept_block = _bracketed_tasks(stream, first, min(block, count - first), total, position, stride)
+        found += found_block
+        kept.append(kept_block)
+    return found, kept[0] if len(kept) == 1 else np.concatenate(kept)
+
+
+def _bracketed_tasks(stream: SlicesStream, first: int, count: int, total: int, position: int,
+                     stride: int) -> tuple[list[float | None], np.ndarray]:
+    """:func:`_bracketed` for the tasks first..first+count−1."""
     capacity = total // stride + 2
     sample = np.empty((count, capacity), dtype=np.float32)
     taken = 0
@@ -146,7 +166,7 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
         numel = None
         phase = (-offset) % stride
         got = 0
-        for start, stop, base, xs in _native_groups(slices, count):
+        for start, stop, base, xs in _native_groups(slices, first, count):
             numel = xs[0].numel()
             got = _native.sample_entries(base, xs, phase, stride, sample[start:stop], taken)
             del xs, base
@@ -176,7 +196,7 @@ def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> t
     below = np.zeros(count, dtype=np.int64)
     filled = np.zeros(count, dtype=np.int64)
     for _, slices in stream():
-        for start, stop, base, xs in _native_groups(slices, count):
+        for start, stop, base, xs in _native_groups(slices, first, count):
             _native.count_and_gather(
                 base, xs, low[start:stop], high[start:stop], below[start:stop], gathered[start:stop],
                 filled[start:stop],
