@@ -16,8 +16,8 @@ the random hash is the same int64 arithmetic; θ0 + λ·τ*, where a fold writes
 float32 and bfloat16 inputs take this path (a bfloat16 entry is read as its exact float32: its bits
 followed by 16 zeros, as ``Tensor.float()`` does); float16 and float64 checkpoints fall back to the torch
 kernels. The folds take a group of at most ``_fused.GROUP`` inputs as a tuple (one compiled version
-per group size); TIES's kernels take any number of inputs as an array of their addresses (one
-compiled version), so that inputs already in memory go in one call.
+per group size); TIES's, Consensus's and Breadcrumbs' counting kernels take any number of inputs as
+an array of their addresses (one compiled version), so that inputs already in memory go in one call.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ merged slice τ*. The model is then θ = θ0 + λ·τ* (λ = ``scale``). Three h
   read a task vector several times without holding it.
 
 Methods are instantiated once per merge with validated options; they may keep per-merge statistics on
-``self`` (set by ``observe_task`` / ``reduce_states``), never per-tensor state.
+``self`` (set by ``observe_task`` / ``reduce_states``), and no per-tensor state but what the tensor's own
+``merge_tensor`` consumes (OPCM hands its statistics pass's fold states on that way, models in memory).
 """
 
 from __future__ import annotations
