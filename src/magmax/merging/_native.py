@@ -220,6 +220,14 @@ def _finish_of(has_base: bool, scale: float | None) -> tuple[int, np.float32] | 
     return rounding, np.float32(scale)
 
 
+def _finish_mode(has_base: bool, scale: float | None, possible: bool = True) -> tuple[bool, int, np.float32]:
+    """(whether the kernel finishes as asked, its finish mode, λ): the finish :func:`_finish_of` gives
+    where it is ``possible`` for the kernel, else KEEP_TAU (the caller then adds θ0 itself)."""
+    finish = _finish_of(has_base, scale) if possible else None
+    mode, scale32 = finish or _finish_of(has_base, None)
+    return finish is not None, mode, scale32
+
+
 def _fold_group(fold: str, divides: bool = False) -> NativeGroup:
     """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest, [divisor,]
     finish, λ)``; a fold that ``divides`` can end a mean."""
@@ -257,50 +265,43 @@ def random_group(state, base, inputs, first, last, params, group, divisor=None, 
         _tau_only(state, base, inputs[0])
         return divisor is None and scale is None
     s, b, has_base, x0, xs = _common(state, base, inputs, first)
-    finish = _finish_of(has_base, scale) if divisor is None else None  # a random pick is never divided
+    done, mode, scale32 = _finish_mode(has_base, scale, divisor is None)  # a random pick is never divided
     rows = params.numpy()[1:] if first else params.numpy()
     keys = rows[:, 0].astype(np.uint32)
     thresholds = rows[:, 1].astype(np.uint32)  # ⌈2^32/(t+1)⌉ − 1 < 2^32
     k = _kernels()
     with _threads():
         # The finite count only where τ is formed from checkpoints (the engine's merges): else no one reads it.
-        mode, scale32 = finish or _finish_of(has_base, None)
         finite = k.random_fold(has_base, mode)(s, b, has_base, first, x0, xs, keys, thresholds, 0, scale32)
     if has_base:
         _report(int(finite), s.shape[0], len(inputs), has_base)
-    return finish is not None
+    return done
 
 
 def dare_group(state, base, inputs, first, last, params, group, divisor=None, scale=None) -> bool:
     """DARE's drop-and-rescale sum; ``params`` rows (k_t, thr_t, bits of float32(1 − p))."""
     rows = params.numpy()
-    s = _array(state)
-    b, has_base = (_array(base), True) if base is not None else (_EMPTY, False)
-    xs = tuple(_array(x) for x in inputs)
-    finish = _finish_of(has_base, scale) if divisor is None else None  # a DARE sum is never divided
-    mode, scale32 = finish or _finish_of(has_base, None)
+    s, b, has_base, _, xs = _common(state, base, inputs, False)  # every input in xs: the sum starts at −0.0
+    done, mode, scale32 = _finish_mode(has_base, scale, divisor is None)  # a DARE sum is never divided
     rescale = np.array([rows[0, 2]], dtype=np.int64).astype(np.uint32).view(np.float32)[0]
     with _threads():
         finite = _kernels().dare_fold(has_base, mode)(
             s, b, has_base, first, xs, rows[:, 0].astype(np.uint32), rows[:, 1].astype(np.uint32), 0, rescale, scale32)
     if has_base:
         _report(int(finite), s.shape[0], len(inputs), has_base)
-    return finish is not None
+    return done
 
 
 def band_sum_group(state, base, inputs, first, low, high, scale=None) -> bool:
     """Breadcrumbs' fold of one group: ``state`` (+)= Σ_j where(low[j] <= |τ_j| <= high[j], τ_j, 0), then
     θ0 + scale·state when ``scale`` is given and :func:`can_add_base`; returns whether it added θ0."""
-    s = _array(state)
-    b, has_base = (_array(base), True) if base is not None else (_EMPTY, False)
-    xs = tuple(_array(x) for x in inputs)
-    finish = _finish_of(has_base, scale)
-    mode, scale32 = finish or _finish_of(has_base, None)
+    s, b, has_base, _, xs = _common(state, base, inputs, False)  # every input in xs: the sum starts at −0.0
+    done, mode, scale32 = _finish_mode(has_base, scale)
     with _threads():
         finite = _kernels().band_sum_fold(mode)(s, b, has_base, first, xs, np.asarray(low, np.float32),
                                                 np.asarray(high, np.float32), scale32)
     _report(int(finite), s.shape[0], len(inputs), has_base)
-    return finish is not None and scale is not None
+    return done and scale is not None
 
 
 # -- Consensus ----------------------------------------------------------------------------------------
@@ -316,13 +317,12 @@ def consensus_group(out, base, inputs, tall_mask_lambda, least, scale=None) -> b
     or θ0 + scale·that when ``scale`` is given and :func:`can_add_base`; returns whether it added θ0.
     Reports to :func:`finite_watch` whether every sum was finite."""
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
-    finish = _finish_of(has_base, scale)
-    mode, scale32 = finish or _finish_of(has_base, None)
+    done, mode, scale32 = _finish_mode(has_base, scale)
     with _threads():
         finite = _kernels().consensus_merge(mode)(_array(out), b, has_base, addresses, arrays[0], n,
                                                   np.float32(tall_mask_lambda), least, _parts(n), scale32)
     _report(int(finite), n, len(arrays), has_base)
-    return finish is not None and scale is not None
+    return done and scale is not None
 
 
 def tall_votes(total, votes, base, inputs, tall_mask_lambda) -> None:
@@ -354,18 +354,17 @@ def sample_entries(base, inputs, phase, stride, out, filled) -> int:
     return int(taken[0])
 
 
-def count_and_gather(base, inputs, low, high, below, gathered, filled, report=True) -> None:
+def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
     """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them).
-    Where τ is formed from θ0 (the engine's merges) and ``report`` is set, whether every |τ_j| was finite
-    goes to :func:`finite_watch`, as the folds report it (a caller whose fold reads the same inputs
-    again, and reports them, passes False)."""
+    Where τ is formed from θ0 (the engine's merges), whether every |τ_j| was finite goes to
+    :func:`finite_watch`, as the folds report it."""
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
     k = _kernels()
-    kernel = k.count_gather(has_base and report)
+    kernel = k.count_gather(has_base)
     finite = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk],
                                                              high[blk], below[blk], gathered[blk], filled[blk]),
                              numel=n)
-    if has_base and report:
+    if has_base:
         _report(sum(int(f) for f in finite), n * len(arrays), len(arrays), has_base)
 
 

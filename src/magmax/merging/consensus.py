@@ -94,13 +94,13 @@ class Consensus(MergeMethod):
         operands = _fused._operands_of(slices)
         size = count if getattr(slices, "resident", False) else _fused.GROUP
         if count <= size:  # every input in one call: one read of each
-            for _, _, base, xs, shape in _fused.groups(operands, count, size):
-                if not _native.accepts_inputs(base, xs, size):
-                    return None
-                out = torch.empty(xs[0].numel(), dtype=torch.float32)
-                if not _native.consensus_group(out, base, xs, lam, least, scale) and scale is not None:
-                    add_scaled(base, out, scale, out=out)
-                return out.view(shape)
+            _, _, base, xs, shape = next(_fused.groups(operands, count, size))
+            if not _native.accepts_inputs(base, xs, size):
+                return None
+            out = torch.empty(xs[0].numel(), dtype=torch.float32)
+            if not _native.consensus_group(out, base, xs, lam, least, scale) and scale is not None:
+                add_scaled(base, out, scale, out=out)
+            return out.view(shape)
         # Out of core with more inputs than a group: the sum, then the votes, group by group.
         total = _fused.fold_operands(sum_kernel, operands, count)
         shape = total.shape
