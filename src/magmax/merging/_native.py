@@ -354,27 +354,22 @@ def sample_entries(base, inputs, phase, stride, out, filled) -> int:
     return int(taken[0])
 
 
-def count_and_gather(base, inputs, low, high, below, gathered, filled) -> None:
-    """below[j] += #{|τ_j| < low[j]}; the |τ_j| in [low[j], high[j]] go to gathered[j] (filled[j] counts them).
-    Where τ is formed from θ0 (the engine's merges), whether every |τ_j| was finite goes to
-    :func:`finite_watch`, as the folds report it."""
+def count_and_gather(base, inputs, low, high, below, gathered, filled, report_finite: bool = True) -> None:
+    """For every input j and bracket r: below[j, r] += #{|τ_j| < low[j, r]}; the |τ_j| in [low[j, r],
+    high[j, r]] go to gathered[j, r] (filled[j, r] counts them, and is left above the capacity where they
+    did not fit). One bracket per input may come as 1-D ``low``, ``high``, ``below``, ``filled`` and a 2-D
+    ``gathered``; at most two. Where τ is formed from θ0 and ``report_finite``, whether every |τ_j| was
+    finite goes to :func:`finite_watch`, as the folds report it. Inputs split over threads."""
+    if low.ndim == 1:
+        low, high, below, filled, gathered = low[:, None], high[:, None], below[:, None], filled[:, None], gathered[:, None]
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
-    k = _kernels()
-    kernel = k.count_gather(has_base)
+    counting = has_base and report_finite
+    kernel = _kernels().count_gather(counting, low.shape[1])
     finite = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk],
                                                              high[blk], below[blk], gathered[blk], filled[blk]),
                              numel=n)
-    if has_base:
+    if counting:
         _report(sum(int(f) for f in finite), n * len(arrays), len(arrays), has_base)
-
-
-def band_count_gather(base, inputs, low, high, below, gathered, filled) -> None:
-    """For every input j and bracket r (two per input): below[j, r] += #{|τ_j| < low[j, r]}; the |τ_j| in
-    [low[j, r], high[j, r]] go to gathered[j, r] (filled[j, r] counts them). Inputs split over threads."""
-    b, has_base, arrays, addresses, n = _by_address(base, inputs)
-    kernel = _kernels().band_count_gather
-    per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk], high[blk],
-                                                    below[blk], gathered[blk], filled[blk]), numel=n)
 
 
 SERIAL_NUMEL = 1 << 16

@@ -51,39 +51,6 @@ def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
     return sig, codegen
 
 
-@intrinsic
-def _compress_band16(typingctx, dst, src, low, high):  # pragma: no cover - compiled
-    """Store the entries of src[0:16] that lie in [low, high] one after another at dst[0:] (LLVM's
-    llvm.masked.compressstore: one vcompressps on AVX-512, a scalar sequence elsewhere); returns how
-    many. dst must have room for 16."""
-    sig = types.intp(dst, src, types.float32, types.float32)
-
-    def codegen(context, builder, signature, args):
-        from numba.core import cgutils
-
-        dst_array, src_array, lo, hi = args
-        f32 = ir.FloatType()
-        vector = ir.VectorType(f32, 16)
-        mask_type = ir.VectorType(ir.IntType(1), 16)
-        src_data = context.make_array(signature.args[1])(context, builder, src_array).data
-        dst_data = context.make_array(signature.args[0])(context, builder, dst_array).data
-        values = builder.load(builder.bitcast(src_data, vector.as_pointer()), align=4)
-        undef = ir.Constant(vector, ir.Undefined)
-        lanes = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
-        zero = ir.Constant(ir.IntType(32), 0)
-        lo_v = builder.shuffle_vector(builder.insert_element(undef, lo, zero), undef, lanes)
-        hi_v = builder.shuffle_vector(builder.insert_element(undef, hi, zero), undef, lanes)
-        inside = builder.and_(builder.fcmp_ordered(">=", values, lo_v), builder.fcmp_ordered("<=", values, hi_v))
-        store = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [vector, f32.as_pointer(), mask_type]),
-            "llvm.masked.compressstore.v16f32")
-        builder.call(store, [values, dst_data, inside])
-        popcount = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(16)])
-        return builder.zext(builder.call(popcount, [builder.bitcast(inside, ir.IntType(16))]), ir.IntType(64))
-
-    return sig, codegen
-
-
 KEEP_TAU = 0
 """``finish`` of a fold: write τ* itself."""
 ADD_FUSED = 1
@@ -309,95 +276,133 @@ def sample_entries(base, has_base, addresses, like, n, phase, stride, out, fille
             f += 1
     return (n - phase + stride - 1) // stride if n > phase else 0
 
-GATHER_STEP = 32
-"""Entries per counting step: small, so that most steps hold no bracketed value and skip the
-copy-out loop (at a 0.4% bracket, about 7 steps in 8)."""
+COUNT_BLOCK = 2048
+"""Entries per block of :func:`count_gather` (θ0's block and one input's magnitudes: 16 KiB, in L1)."""
+
+COMPRESS_WIDTH = 16
+"""Entries per compress-store (one AVX-512 vector of float32)."""
+
+
+@intrinsic
+def _compress16(typingctx, dst, at, src, start, low, high):  # pragma: no cover - compiled
+    """Store the entries of src[start:start + 16] that lie in [low, high] one after another at dst[at:]
+    (LLVM's llvm.masked.compressstore: one vcompressps on AVX-512, a scalar sequence elsewhere); returns
+    how many. Offsets instead of slices: a slice made per call costs more than the store."""
+    sig = types.intp(dst, types.intp, src, types.intp, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        dst_array, at, src_array, start, lo, hi = args
+        f32 = ir.FloatType()
+        vector = ir.VectorType(f32, COMPRESS_WIDTH)
+        mask_type = ir.VectorType(ir.IntType(1), COMPRESS_WIDTH)
+        src_data = context.make_array(signature.args[2])(context, builder, src_array).data
+        dst_data = context.make_array(signature.args[0])(context, builder, dst_array).data
+        values = builder.load(builder.bitcast(builder.gep(src_data, [start]), vector.as_pointer()), align=4)
+        undef = ir.Constant(vector, ir.Undefined)
+        lanes = ir.Constant(ir.VectorType(ir.IntType(32), COMPRESS_WIDTH), [0] * COMPRESS_WIDTH)
+        zero = ir.Constant(ir.IntType(32), 0)
+        lo_v = builder.shuffle_vector(builder.insert_element(undef, lo, zero), undef, lanes)
+        hi_v = builder.shuffle_vector(builder.insert_element(undef, hi, zero), undef, lanes)
+        inside = builder.and_(builder.fcmp_ordered(">=", values, lo_v), builder.fcmp_ordered("<=", values, hi_v))
+        store = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [vector, f32.as_pointer(), mask_type]),
+            "llvm.masked.compressstore.v16f32")
+        builder.call(store, [values, builder.gep(dst_data, [at]), inside])
+        popcount = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(COMPRESS_WIDTH)])
+        mask_bits = builder.bitcast(inside, ir.IntType(COMPRESS_WIDTH))
+        return builder.zext(builder.call(popcount, [mask_bits]), ir.IntType(64))
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def _gather_block(mags, m, lo, hi, dst, filled, j, r):  # pragma: no cover - compiled
+    # The block's magnitudes (m a multiple of COMPRESS_WIDTH) in [lo, hi], appended to dst at
+    # filled[j, r]; without room for a whole step, filled is set past the capacity (the caller then
+    # selects from every magnitude).
+    cap = dst.shape[0]
+    f = filled[j, r]
+    if f + m <= cap:
+        for q in range(0, m, COMPRESS_WIDTH):
+            f += _compress16(dst, f, mags, q, lo, hi)
+    else:
+        for q in range(0, m, COMPRESS_WIDTH):
+            if f + COMPRESS_WIDTH > cap:
+                f = cap + 1
+                break
+            f += _compress16(dst, f, mags, q, lo, hi)
+    filled[j, r] = f
+
 
 @_specialised
-def count_gather(count_finite: bool):
-    """The count-and-gather pass, with or without counting the finite |τ|: the engine asks for the
-    count, which spares it a separate NaN/Inf pass over the inputs (about 25% more time here for this
-    pass, against a whole read of the models)."""
+def count_gather(count_finite: bool, brackets: int):
+    """The count-and-gather pass of the exact order statistics, for ``brackets`` (1 or 2) brackets per
+    input, with or without counting the finite |τ|: the engine's merges ask for the count, which spares
+    them a separate NaN/Inf pass over the inputs."""
 
     @njit(cache=True, nogil=True)
     def kernel(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
-        # Element-outer like the folds: step by step, every task of the group is counted against the same
-        # entries of θ0, so the T inputs stream side by side (one input at a time reads far slower on one
-        # core). Per task and step, one vectorised loop of constant length counts (int32 lanes, no
-        # branches) and keeps the magnitudes in L1; only a step holding bracketed values runs the
-        # branch-free compaction (write every value to a second buffer, advance only on a hit; in place,
-        # store-to-load aliasing serialises it). The last n mod GATHER_STEP entries are counted in
-        # ``_count_gather_tail``. Serial and nogil: threads run it on disjoint blocks of tasks. Returns
-        # the number of finite |τ| when counting (NaN and ±Inf fail a < Inf), else 0.
-        cap = gathered.shape[1]
-        full = n - n % GATHER_STEP
+        # For each input j and bracket r: below[j, r] += #{|τ_j| < low[j, r]}, and the |τ_j| in
+        # [low[j, r], high[j, r]] go to gathered[j, r] (filled[j, r] counts them). Block by block of
+        # θ0 (in L1), every input of the call over the block: one vectorised loop forms the magnitudes
+        # and counts (a reduction per block, not per vector), then one compress-store per 16 entries
+        # and bracket copies out those inside. Inputs are indexed through views of the block: an index
+        # s + k in a loop of variable length compiles to a gather (numba's wrap-around test for negative
+        # indices), 1.5x slower. Serial and nogil: threads take disjoint inputs. Returns the number of
+        # finite |τ| (NaN and ±Inf fail a < Inf) when counting, else 0.
         count = addresses.shape[0]
-        shared_below, shared_filled = below, filled
-        below = np.zeros(count, np.int64)  # private copies: threads share the callers' cache lines
-        filled = shared_filled.copy()
-        b0 = np.empty(GATHER_STEP, np.float32)
-        mags = np.empty(GATHER_STEP, np.float32)
-        hits = np.empty(GATHER_STEP, np.float32)
+        full = n - n % COMPRESS_WIDTH
+        counted = filled.copy()  # private copies: threads share the callers' cache lines
+        b0 = np.empty(COUNT_BLOCK, np.float32)
+        mags = np.empty(COUNT_BLOCK, np.float32)
         finite = 0
-        for s in range(0, full, GATHER_STEP):
+        for s in range(0, full, COUNT_BLOCK):
+            m = min(COUNT_BLOCK, full - s)
             if has_base:
-                for k in range(GATHER_STEP):
-                    b0[k] = f32(base[s + k])
+                block = base[s:s + m]
+                for k in range(m):
+                    b0[k] = f32(block[k])
             else:
                 b0[:] = 0.0
             for j in range(count):
-                x = _input(addresses, j, like, n)
-                lo_j = low[j]
-                hi_j = high[j]
-                step_below = np.int32(0)
-                upto_high = np.int32(0)
-                step_finite = np.int32(0)
-                for k in range(GATHER_STEP):  # visibly >= 0 indices: no wrap-around test
-                    a = abs(f32(x[s + k]) - b0[k])
+                x = _input(addresses, j, like, n)[s:s + m]
+                lo0 = low[j, 0]
+                lo1 = low[j, brackets - 1]
+                c0 = 0
+                c1 = 0
+                ok = 0
+                for k in range(m):
+                    a = abs(f32(x[k]) - b0[k])
                     mags[k] = a
-                    step_below += np.int32(a < lo_j)
-                    upto_high += np.int32(a <= hi_j)
+                    c0 += a < lo0
+                    if brackets == 2:
+                        c1 += a < lo1
                     if count_finite:
-                        step_finite += np.int32(a < np.inf)
-                below[j] += step_below
-                finite += step_finite
-                if upto_high != step_below:  # lo_j <= a <= hi_j somewhere
-                    q = 0
-                    for k in range(GATHER_STEP):
-                        a = mags[k]
-                        hits[q] = a
-                        q += (a >= lo_j) & (a <= hi_j)
-                    f = filled[j]
-                    for k in range(q):
-                        if f < cap:
-                            gathered[j, f] = hits[k]
-                        f += 1
-                    filled[j] = f
-        for j in range(count):
+                        ok += a < np.inf
+                below[j, 0] += c0
+                if brackets == 2:
+                    below[j, 1] += c1
+                finite += ok
+                for r in range(brackets):
+                    _gather_block(mags, m, low[j, r], high[j, r], gathered[j, r], counted, j, r)
+        for j in range(count):  # the last n mod 16 entries
             x = _input(addresses, j, like, n)
-            finite += _count_gather_tail(base, has_base, x, full, low[j], high[j], below, gathered, filled, j)
-        shared_below += below
-        shared_filled[:] = filled
+            for i in range(full, n):
+                a = abs(f32(x[i]) - (f32(base[i]) if has_base else np.float32(0.0)))
+                finite += a < np.inf
+                for r in range(brackets):
+                    below[j, r] += a < low[j, r]
+                    if (a >= low[j, r]) & (a <= high[j, r]):
+                        f = counted[j, r]
+                        if f < gathered.shape[2]:
+                            gathered[j, r, f] = a
+                        counted[j, r] = f + 1
+        filled[:] = counted
         return finite if count_finite else 0
 
     return kernel
-
-
-
-
-@njit(cache=True)
-def _count_gather_tail(base, has_base, x, start, lo_j, hi_j, below, gathered, filled, j):  # pragma: no cover
-    cap = gathered.shape[1]
-    finite = 0
-    for i in range(start, x.shape[0]):
-        a = abs(f32(x[i]) - (f32(base[i]) if has_base else np.float32(0.0)))
-        below[j] += a < lo_j
-        finite += a < np.inf
-        if (a >= lo_j) & (a <= hi_j):
-            if filled[j] < cap:
-                gathered[j, filled[j]] = a
-            filled[j] += 1
-    return finite
 
 # TIES runs as two kernels over blocks of entries: per block, the running state (Σ⁺, Σ⁻, n⁺, n⁻;
 # counts as float32, exact below 2^24 tasks) sits in L1-sized scratch arrays (one set per thread),
@@ -659,89 +664,3 @@ def band_sum_fold(finish: int):
     return fold
 
 
-BAND_STEP = 16
-"""Entries per counting step of :func:`band_count_gather` (one AVX-512 vector of float32): at a bracket
-share of a few percent, most steps hold no bracketed value and skip the copy-out."""
-
-
-@njit(inline="always", cache=True)
-def _compact_into(mags, lo, hi, hits, gathered, row, slot, filled):  # pragma: no cover - compiled
-    # The magnitudes of this step inside [lo, hi], appended to gathered[row, slot] (filled counts them,
-    # past the capacity too, so the caller sees an overflow).
-    cap = gathered.shape[2]
-    q = 0
-    for k in range(mags.shape[0]):
-        a = mags[k]
-        hits[q] = a
-        q += (a >= lo) & (a <= hi)
-    f = filled[row, slot]
-    for k in range(q):
-        if f < cap:
-            gathered[row, slot, f] = hits[k]
-        f += 1
-    filled[row, slot] = f
-
-
-@njit(inline="always", cache=True)
-def _compress_step(mags, lo, hi, gathered, row, slot, filled):  # pragma: no cover - compiled
-    # The step's magnitudes in [lo, hi] appended to gathered[row, slot]; without room for a whole step,
-    # filled is set past the capacity (the caller then selects from every magnitude).
-    f = filled[row, slot]
-    if f + BAND_STEP <= gathered.shape[2]:
-        filled[row, slot] = f + _compress_band16(gathered[row, slot, f:], mags, lo, hi)
-    else:
-        filled[row, slot] = gathered.shape[2] + 1
-
-
-@njit(cache=True, nogil=True)
-def band_count_gather(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
-    # For each input j and each of two brackets r: below[j, r] += #{|τ_j| < low[j, r]}, and the |τ_j| in
-    # [low[j, r], high[j, r]] go to gathered[j, r] (filled[j, r] counts them). One read of each input
-    # serves both brackets (a bracket with low = high = −1 never matches). Step by step, every input
-    # against the same entries of θ0, as ``count_gather``. The counts are kept per lane (summed at the
-    # end: no reduction per step, half the time of one); a step is copied out only if some magnitude
-    # falls in a bracket, by a compress-store (``_compress_band16``). Serial and nogil: threads take
-    # disjoint inputs.
-    count = addresses.shape[0]
-    full = n - n % BAND_STEP
-    lanes = np.zeros((count, 2, BAND_STEP), np.int32)  # < 2^31 per lane: n < 2^35
-    counted = filled.copy()  # private copies: threads share the callers' cache lines
-    b0 = np.empty(BAND_STEP, np.float32)
-    mags = np.empty(BAND_STEP, np.float32)
-    hits = np.empty(BAND_STEP, np.float32)
-    for s in range(0, full, BAND_STEP):
-        if has_base:
-            for k in range(BAND_STEP):
-                b0[k] = f32(base[s + k])
-        else:
-            b0[:] = 0.0
-        for j in range(count):
-            x = _input(addresses, j, like, n)
-            lo0 = low[j, 0]
-            hi0 = high[j, 0]
-            lo1 = low[j, 1]
-            hi1 = high[j, 1]
-            below0 = lanes[j, 0]
-            below1 = lanes[j, 1]
-            for k in range(BAND_STEP):
-                a = abs(f32(x[s + k]) - b0[k])
-                mags[k] = a
-                below0[k] += np.int32(a < lo0)
-                below1[k] += np.int32(a < lo1)
-            _compress_step(mags, lo0, hi0, gathered, j, 0, counted)
-            _compress_step(mags, lo1, hi1, gathered, j, 1, counted)
-    for j in range(count):
-        for r in range(2):
-            below[j, r] += lanes[j, r].astype(np.int64).sum()
-    tail = n - full
-    if tail:
-        for j in range(count):
-            x = _input(addresses, j, like, n)
-            for k in range(tail):
-                i = full + k
-                mags[k] = abs(f32(x[i]) - (f32(base[i]) if has_base else np.float32(0.0)))
-            for r in range(2):
-                for k in range(tail):
-                    below[j, r] += mags[k] < low[j, r]
-                _compact_into(mags[:tail], low[j, r], high[j, r], hits, gathered, j, r, counted)
-    filled[:] = counted

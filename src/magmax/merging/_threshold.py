@@ -230,7 +230,7 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
     value. Returns float32 values of shape (inputs, ranks).
 
     The steps of the global thresholds, per tensor: a sample brackets each rank, one counting pass per
-    input (:func:`magmax.merging._native.band_count_gather`, both ranks in the same read) counts the
+    input (:func:`magmax.merging._native.count_and_gather`, both ranks in the same read) counts the
     magnitudes below each bracket and gathers those inside, ``np.partition`` picks the exact value. A rank
     its bracket missed is selected from every |τ_j|: exact either way, the sample only decides the speed.
     Native kernels only (float32 / bfloat16 inputs on the CPU).
@@ -257,12 +257,12 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
     taken = _native.sample_entries(base, inputs, 0, stride, sample, 0)
     brackets = [bracket_ranks(taken, n, p) for p in positions]
     wanted = sorted({i for pair in brackets for i in pair if 0 <= i < taken})
-    low = np.full((count, 2), -1.0, dtype=np.float32)  # a second bracket that never matches, if unused
-    high = np.full((count, 2), -1.0, dtype=np.float32)
+    low = np.empty((count, ranks), dtype=np.float32)
+    high = np.empty((count, ranks), dtype=np.float32)
     cap = max(gather_capacity(lo, hi, taken, n) for lo, hi in brackets)
-    gathered = np.empty((count, 2, cap), dtype=np.float32)
-    below = np.zeros((count, 2), dtype=np.int64)
-    filled = np.zeros((count, 2), dtype=np.int64)
+    gathered = np.empty((count, ranks, cap), dtype=np.float32)
+    below = np.zeros((count, ranks), dtype=np.int64)
+    filled = np.zeros((count, ranks), dtype=np.int64)
 
     def bracket(tasks: slice) -> None:  # np.partition releases the GIL: inputs in parallel
         for j in range(tasks.start, tasks.stop):
@@ -281,6 +281,7 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
                     out[j, r] = np.partition(magnitudes(j), position - 1)[position - 1]
 
     _native.per_task_blocks(count, bracket)
-    _native.band_count_gather(base, inputs, low, high, below, gathered, filled)
+    # Not reporting finiteness: the banded fold that follows counts it.
+    _native.count_and_gather(base, inputs, low, high, below, gathered, filled, report_finite=False)
     _native.per_task_blocks(count, select)
     return out
