@@ -430,6 +430,59 @@ def test_native_breadcrumbs_equals_the_torch_kernel(options, count, dtype, torch
     assert_state_dicts_bitwise_equal(merger.task_vector(), want_tau)
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6000), count=st.integers(1, 4), brackets=st.integers(1, 3), with_base=st.booleans(),
+       bf16=st.booleans(), cap=st.sampled_from([1, 37, 10_000]), seed=st.integers(0, 2**16))
+def test_count_and_gather_counts_below_and_gathers_inside_each_bracket(n, count, brackets, with_base, bf16, cap, seed):
+    """The kernel against numpy: per input and bracket, below = #{|τ| < low} exactly, and the |τ| in
+    [low, high] gathered in order (filled counts them) where they fit; where they do not, filled is left
+    above the capacity. Lengths that are no multiple of the 16-entry steps or the 2,048-entry blocks,
+    bfloat16 inputs, and brackets that hold nothing, everything or a few values."""
+    rng = np.random.default_rng(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    base = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dtype) if with_base else None
+    inputs = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dtype) for _ in range(count)]
+    taus = [x.float() - (base.float() if with_base else 0.0) for x in inputs]
+    mags = [tau.abs().numpy() for tau in taus]
+    low = np.empty((count, brackets), np.float32)
+    high = np.empty((count, brackets), np.float32)
+    for j in range(count):
+        for r in range(brackets):
+            a, b = sorted(rng.choice(mags[j], 2))
+            low[j, r], high[j, r] = [(a, b), (0.0, np.inf), (b, a)][(j + r) % 3]  # some, all, none
+    below = np.full((count, brackets), 5, np.int64)  # the kernel adds to what is there
+    filled = np.zeros((count, brackets), np.int64)
+    room = np.full(count * brackets * cap + 16, -1.0, np.float32)  # 16 more: a write past the end shows
+    gathered = room[: count * brackets * cap].reshape(count, brackets, cap)
+    _native.count_and_gather(base, inputs, low, high, below, gathered, filled, report_finite=False)
+    assert (room[-16:] == -1.0).all()
+    for j in range(count):
+        for r in range(brackets):
+            assert below[j, r] == 5 + int((mags[j] < low[j, r]).sum())
+            inside = mags[j][(mags[j] >= low[j, r]) & (mags[j] <= high[j, r])]
+            if inside.size <= cap - 16 or (inside.size <= cap and filled[j, r] <= cap):
+                assert filled[j, r] == inside.size
+                np.testing.assert_array_equal(gathered[j, r, : inside.size], inside)
+            if inside.size > cap:
+                assert filled[j, r] > cap
+
+
+def test_count_and_gather_never_writes_past_the_room_it_is_given():
+    """Every capacity from 1 to 48 with every magnitude inside the bracket: the 16-entry compress-stores
+    stop before the end of the room (a guard after it stays untouched) and leave filled above it."""
+    x = torch.arange(1, 101, dtype=torch.float32)
+    for cap in range(1, 49):
+        room = np.full(cap + 16, -1.0, np.float32)
+        filled = np.zeros((1, 1), np.int64)
+        below = np.zeros((1, 1), np.int64)
+        low, high = np.zeros((1, 1), np.float32), np.full((1, 1), np.inf, np.float32)
+        _native.count_and_gather(None, [x], low, high, below, room[:cap].reshape(1, 1, cap), filled)
+        assert (room[cap:] == -1.0).all(), cap
+        assert filled[0, 0] > cap and below[0, 0] == 0
+        written = room[: min(cap, 16 * (cap // 16))]
+        np.testing.assert_array_equal(written, np.arange(1, written.size + 1, dtype=np.float32))
+
+
 @pytest.mark.parametrize("failure", ["bracket misses", "gather overflows"])
 def test_breadcrumbs_bounds_are_exact_when_a_bracket_fails(failure, monkeypatch):
     """A bracket that misses its rank, or holds more magnitudes than the room for them (both forced here),

@@ -358,13 +358,13 @@ def count_and_gather(base, inputs, low, high, below, gathered, filled, report_fi
     """For every input j and bracket r: below[j, r] += #{|τ_j| < low[j, r]}; the |τ_j| in [low[j, r],
     high[j, r]] go to gathered[j, r] (filled[j, r] counts them, and is left above the capacity where they
     did not fit). One bracket per input may come as 1-D ``low``, ``high``, ``below``, ``filled`` and a 2-D
-    ``gathered``; at most two. Where τ is formed from θ0 and ``report_finite``, whether every |τ_j| was
+    ``gathered``. Where τ is formed from θ0 and ``report_finite``, whether every |τ_j| was
     finite goes to :func:`finite_watch`, as the folds report it. Inputs split over threads."""
     if low.ndim == 1:
         low, high, below, filled, gathered = low[:, None], high[:, None], below[:, None], filled[:, None], gathered[:, None]
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
     counting = has_base and report_finite
-    kernel = _kernels().count_gather(counting, low.shape[1])
+    kernel = _kernels().count_gather(counting)
     finite = per_task_blocks(len(arrays), lambda blk: kernel(b, has_base, addresses[blk], arrays[0], n, low[blk],
                                                              high[blk], below[blk], gathered[blk], filled[blk]),
                              numel=n)

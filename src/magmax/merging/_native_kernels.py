@@ -283,12 +283,48 @@ COMPRESS_WIDTH = 16
 """Entries per compress-store (one AVX-512 vector of float32)."""
 
 
+def _vector_codegen(context, builder, array_type, array, start):
+    """The 16 float32 at array[start:] as one LLVM vector (an unaligned load)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    vector = ir.VectorType(ir.FloatType(), COMPRESS_WIDTH)
+    return builder.load(builder.bitcast(builder.gep(data, [start]), vector.as_pointer()), align=4)
+
+
+def _splat_codegen(builder, value):
+    vector = ir.VectorType(ir.FloatType(), COMPRESS_WIDTH)
+    undef = ir.Constant(vector, ir.Undefined)
+    lanes = ir.Constant(ir.VectorType(ir.IntType(32), COMPRESS_WIDTH), [0] * COMPRESS_WIDTH)
+    return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)), undef, lanes)
+
+
+def _popcount_codegen(builder, mask):
+    """The number of set lanes of a 16-lane mask, as an int64 (kmov + popcnt on AVX-512)."""
+    popcount = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(COMPRESS_WIDTH)])
+    bits = builder.bitcast(mask, ir.IntType(COMPRESS_WIDTH))
+    return builder.zext(builder.call(popcount, [bits]), ir.IntType(64))
+
+
 @intrinsic
-def _compress16(typingctx, dst, at, src, start, low, high):  # pragma: no cover - compiled
+def _below16(typingctx, src, start, bound):  # pragma: no cover - compiled
+    """#{src[start + k] < bound : k < 16} (a compare and a popcount: a reduction per vector, which the
+    loop vectoriser would do on eight int64 lanes per four float32 ones)."""
+    sig = types.int64(src, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        src_array, start, bound = args
+        values = _vector_codegen(context, builder, signature.args[0], src_array, start)
+        return _popcount_codegen(builder, builder.fcmp_ordered("<", values, _splat_codegen(builder, bound)))
+
+    return sig, codegen
+
+
+@intrinsic
+def _gather16(typingctx, dst, at, src, start, low, high):  # pragma: no cover - compiled
     """Store the entries of src[start:start + 16] that lie in [low, high] one after another at dst[at:]
-    (LLVM's llvm.masked.compressstore: one vcompressps on AVX-512, a scalar sequence elsewhere); returns
-    how many. Offsets instead of slices: a slice made per call costs more than the store."""
-    sig = types.intp(dst, types.intp, src, types.intp, types.float32, types.float32)
+    (LLVM's llvm.masked.compressstore: one vcompressps on AVX-512, a scalar sequence elsewhere). Returns
+    how many, plus 256 × how many lie below low. Offsets, not slices: a slice made per call costs more
+    than the store."""
+    sig = types.int64(dst, types.intp, src, types.intp, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
         from numba.core import cgutils
@@ -297,64 +333,67 @@ def _compress16(typingctx, dst, at, src, start, low, high):  # pragma: no cover 
         f32 = ir.FloatType()
         vector = ir.VectorType(f32, COMPRESS_WIDTH)
         mask_type = ir.VectorType(ir.IntType(1), COMPRESS_WIDTH)
-        src_data = context.make_array(signature.args[2])(context, builder, src_array).data
+        values = _vector_codegen(context, builder, signature.args[2], src_array, start)
+        lo_v = _splat_codegen(builder, lo)
+        below = builder.fcmp_ordered("<", values, lo_v)
+        inside = builder.and_(builder.fcmp_ordered(">=", values, lo_v),
+                              builder.fcmp_ordered("<=", values, _splat_codegen(builder, hi)))
         dst_data = context.make_array(signature.args[0])(context, builder, dst_array).data
-        values = builder.load(builder.bitcast(builder.gep(src_data, [start]), vector.as_pointer()), align=4)
-        undef = ir.Constant(vector, ir.Undefined)
-        lanes = ir.Constant(ir.VectorType(ir.IntType(32), COMPRESS_WIDTH), [0] * COMPRESS_WIDTH)
-        zero = ir.Constant(ir.IntType(32), 0)
-        lo_v = builder.shuffle_vector(builder.insert_element(undef, lo, zero), undef, lanes)
-        hi_v = builder.shuffle_vector(builder.insert_element(undef, hi, zero), undef, lanes)
-        inside = builder.and_(builder.fcmp_ordered(">=", values, lo_v), builder.fcmp_ordered("<=", values, hi_v))
         store = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [vector, f32.as_pointer(), mask_type]),
             "llvm.masked.compressstore.v16f32")
         builder.call(store, [values, builder.gep(dst_data, [at]), inside])
-        popcount = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(COMPRESS_WIDTH)])
-        mask_bits = builder.bitcast(inside, ir.IntType(COMPRESS_WIDTH))
-        return builder.zext(builder.call(popcount, [mask_bits]), ir.IntType(64))
+        below_count = builder.shl(_popcount_codegen(builder, below), ir.Constant(ir.IntType(64), 8))
+        return builder.add(_popcount_codegen(builder, inside), below_count)
 
     return sig, codegen
 
 
 @njit(inline="always", cache=True)
-def _gather_block(mags, m, lo, hi, dst, filled, j, r):  # pragma: no cover - compiled
-    # The block's magnitudes (m a multiple of COMPRESS_WIDTH) in [lo, hi], appended to dst at
-    # filled[j, r]; without room for a whole step, filled is set past the capacity (the caller then
-    # selects from every magnitude).
+def _count_gather_block(mags, m, lo, hi, dst, filled, below, j, r):  # pragma: no cover - compiled
+    # For the block's magnitudes (m a multiple of COMPRESS_WIDTH): below[j, r] += #{< lo}, and those in
+    # [lo, hi] appended to dst at filled[j, r]; without room for a whole step, filled is set past the
+    # capacity (the caller then selects from every magnitude) and only the count goes on.
     cap = dst.shape[0]
     f = filled[j, r]
+    c = 0
     if f + m <= cap:
         for q in range(0, m, COMPRESS_WIDTH):
-            f += _compress16(dst, f, mags, q, lo, hi)
+            v = _gather16(dst, f, mags, q, lo, hi)
+            f += v & 255
+            c += v >> 8
     else:
         for q in range(0, m, COMPRESS_WIDTH):
-            if f + COMPRESS_WIDTH > cap:
+            if f + COMPRESS_WIDTH <= cap:
+                v = _gather16(dst, f, mags, q, lo, hi)
+                f += v & 255
+                c += v >> 8
+            else:
                 f = cap + 1
-                break
-            f += _compress16(dst, f, mags, q, lo, hi)
+                c += _below16(mags, q, lo)
+    below[j, r] += c
     filled[j, r] = f
 
 
 @_specialised
-def count_gather(count_finite: bool, brackets: int):
-    """The count-and-gather pass of the exact order statistics, for ``brackets`` (1 or 2) brackets per
-    input, with or without counting the finite |τ|: the engine's merges ask for the count, which spares
-    them a separate NaN/Inf pass over the inputs."""
+def count_gather(count_finite: bool):
+    """The count-and-gather pass of the exact order statistics, with or without counting the finite |τ|:
+    the engine's merges ask for the count, which spares them a separate NaN/Inf pass over the inputs."""
 
     @njit(cache=True, nogil=True)
     def kernel(base, has_base, addresses, like, n, low, high, below, gathered, filled):  # pragma: no cover
         # For each input j and bracket r: below[j, r] += #{|τ_j| < low[j, r]}, and the |τ_j| in
         # [low[j, r], high[j, r]] go to gathered[j, r] (filled[j, r] counts them). Block by block of
-        # θ0 (in L1), every input of the call over the block: one vectorised loop forms the magnitudes
-        # and counts (a reduction per block, not per vector), then one compress-store per 16 entries
-        # and bracket copies out those inside. Inputs are indexed through views of the block: an index
-        # s + k in a loop of variable length compiles to a gather (numba's wrap-around test for negative
-        # indices), 1.5x slower. Serial and nogil: threads take disjoint inputs. Returns the number of
-        # finite |τ| (NaN and ±Inf fail a < Inf) when counting, else 0.
-        count = addresses.shape[0]
+        # θ0 (in L1), every input of the call over the block: one vectorised loop forms the magnitudes,
+        # then per 16 entries and bracket one compare, popcount and compress-store counts and copies
+        # out. Inputs are indexed through views of the block: an index s + k in a loop of variable length
+        # compiles to a gather (numba's wrap-around test for negative indices), 1.5x slower. Serial and
+        # nogil: threads take disjoint inputs. Returns the number of finite |τ| (NaN and ±Inf fail
+        # a < Inf) when counting, else 0.
+        count, brackets = low.shape
         full = n - n % COMPRESS_WIDTH
         counted = filled.copy()  # private copies: threads share the callers' cache lines
+        counts = np.zeros_like(below)
         b0 = np.empty(COUNT_BLOCK, np.float32)
         mags = np.empty(COUNT_BLOCK, np.float32)
         finite = 0
@@ -368,37 +407,26 @@ def count_gather(count_finite: bool, brackets: int):
                 b0[:] = 0.0
             for j in range(count):
                 x = _input(addresses, j, like, n)[s:s + m]
-                lo0 = low[j, 0]
-                lo1 = low[j, brackets - 1]
-                c0 = 0
-                c1 = 0
-                ok = 0
                 for k in range(m):
-                    a = abs(f32(x[k]) - b0[k])
-                    mags[k] = a
-                    c0 += a < lo0
-                    if brackets == 2:
-                        c1 += a < lo1
-                    if count_finite:
-                        ok += a < np.inf
-                below[j, 0] += c0
-                if brackets == 2:
-                    below[j, 1] += c1
-                finite += ok
+                    mags[k] = abs(f32(x[k]) - b0[k])
                 for r in range(brackets):
-                    _gather_block(mags, m, low[j, r], high[j, r], gathered[j, r], counted, j, r)
+                    _count_gather_block(mags, m, low[j, r], high[j, r], gathered[j, r], counted, counts, j, r)
+                if count_finite:
+                    for q in range(0, m, COMPRESS_WIDTH):
+                        finite += _below16(mags, q, np.float32(np.inf))
         for j in range(count):  # the last n mod 16 entries
             x = _input(addresses, j, like, n)
             for i in range(full, n):
                 a = abs(f32(x[i]) - (f32(base[i]) if has_base else np.float32(0.0)))
                 finite += a < np.inf
                 for r in range(brackets):
-                    below[j, r] += a < low[j, r]
+                    counts[j, r] += a < low[j, r]
                     if (a >= low[j, r]) & (a <= high[j, r]):
                         f = counted[j, r]
                         if f < gathered.shape[2]:
                             gathered[j, r, f] = a
                         counted[j, r] = f + 1
+        below += counts
         filled[:] = counted
         return finite if count_finite else 0
 

@@ -226,18 +226,16 @@ SMALL_TENSOR = 1 << 15
 
 def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions: list[int]) -> np.ndarray:
     """For each input j (τ_j = float32(x_j) − float32(θ0), flat, n entries each) and each 1-based ascending
-    rank in ``positions`` (at most two), the exact magnitude of that rank among |τ_j|: ``torch.kthvalue``'s
+    rank in ``positions``, the exact magnitude of that rank among |τ_j|: ``torch.kthvalue``'s
     value. Returns float32 values of shape (inputs, ranks).
 
     The steps of the global thresholds, per tensor: a sample brackets each rank, one counting pass per
-    input (:func:`magmax.merging._native.count_and_gather`, both ranks in the same read) counts the
+    input (:func:`magmax.merging._native.count_and_gather`, every rank in the same read) counts the
     magnitudes below each bracket and gathers those inside, ``np.partition`` picks the exact value. A rank
     its bracket missed is selected from every |τ_j|: exact either way, the sample only decides the speed.
     Native kernels only (float32 / bfloat16 inputs on the CPU).
     """
     count, ranks = len(inputs), len(positions)
-    if ranks > 2:
-        raise ValueError("at most two ranks per input")
     n = inputs[0].numel()
     out = np.empty((count, ranks), dtype=np.float32)
     if not ranks:
