@@ -308,6 +308,8 @@ def _popcount_codegen(builder, mask):
 def _below16(typingctx, src, start, bound):  # pragma: no cover - compiled
     """#{src[start + k] < bound : k < 16} (a compare and a popcount: a reduction per vector, which the
     loop vectoriser would do on eight int64 lanes per four float32 ones)."""
+    if src.layout != "C":  # the vector load assumes consecutive entries
+        return None
     sig = types.int64(src, types.intp, types.float32)
 
     def codegen(context, builder, signature, args):
@@ -324,6 +326,8 @@ def _gather16(typingctx, dst, at, src, start, low, high):  # pragma: no cover - 
     (LLVM's llvm.masked.compressstore: one vcompressps on AVX-512, a scalar sequence elsewhere). Returns
     how many, plus 256 × how many lie below low. Offsets, not slices: a slice made per call costs more
     than the store."""
+    if dst.layout != "C" or src.layout != "C":  # the vector load and store assume consecutive entries
+        return None
     sig = types.int64(dst, types.intp, src, types.intp, types.float32, types.float32)
 
     def codegen(context, builder, signature, args):
