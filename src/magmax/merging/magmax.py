@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from magmax.merging import _fused, _native
-from magmax.merging.base import MergeMethod, TaskSlices, register
+from magmax.merging._kernel_fold import KernelFold
+from magmax.merging.base import register
 
 _MAGNITUDE_BITS = 0x7FFFFFFF
 
@@ -57,31 +58,10 @@ def magmax_kernel(
 
 
 @register
-class MagMax(MergeMethod):
+class MagMax(KernelFold):
     name = "magmax"
     summary = "per parameter, the task-vector entry of largest magnitude (ties: later task)"
     reference = "Marczak et al., MagMax, ECCV 2024, arXiv:2407.06322"
+    kernel = staticmethod(magmax_kernel)
     default_scale = 0.5
-    foldable = True
-    folds_natively = True
     key_independent = True
-    merges_many = True
-
-    def init(self, key: str, first: Tensor) -> Tensor:
-        return first.to(torch.float32, copy=True)
-
-    def update(self, state: Tensor, tau: Tensor, t: int, key: str) -> Tensor:
-        return _fused.update_state(magmax_kernel, state, tau, t)
-
-    def result(self, state: Tensor, key: str) -> Tensor:
-        return state
-
-    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        return _fused.fold_slices(magmax_kernel, slices)
-
-    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        return _fused.fold_slices(magmax_kernel, slices, scale=scale) if slices.base is not None else None
-
-    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        many = _fused.fold_many(magmax_kernel, slices)
-        return many if many is not None else super().merge_tensors(keys, slices)

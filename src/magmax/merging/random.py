@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from magmax.merging import _fused, _native
-from magmax.merging.base import MergeMethod, MethodOptions, TaskSlices, register, seed_for
+from magmax.merging._kernel_fold import KernelFold
+from magmax.merging.base import MethodOptions, register, seed_for
 
 _LOW32 = 0xFFFFFFFF
 _SPREAD = 0x61C88647  # 2^32/φ, odd: i ↦ i·_SPREAD mod 2^32 is a bijection
@@ -92,15 +93,13 @@ def random_kernel(
 
 
 @register
-class RandomMix(MergeMethod):
+class RandomMix(KernelFold):
     name = "random"
     summary = "per parameter, the entry of a uniformly random task"
     reference = "Marczak et al., MagMax, ECCV 2024 (Random baseline)"
     Options = RandomOptions
+    kernel = staticmethod(random_kernel)
     default_scale = 1.0
-    foldable = True
-    merges_many = True
-    folds_natively = True
 
     def _params(self, key: str) -> _fused.ParamsFn:
         seed = self.options.seed
@@ -110,22 +109,3 @@ class RandomMix(MergeMethod):
             return torch.tensor(rows, dtype=torch.int64)
 
         return params
-
-    def init(self, key: str, first: Tensor) -> Tensor:
-        return first.to(torch.float32, copy=True)
-
-    def update(self, state: Tensor, tau: Tensor, t: int, key: str) -> Tensor:
-        return _fused.update_state(random_kernel, state, tau, t, self._params(key))
-
-    def result(self, state: Tensor, key: str) -> Tensor:
-        return state
-
-    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        return _fused.fold_slices(random_kernel, slices, self._params(key))
-
-    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        return _fused.fold_slices(random_kernel, slices, self._params(key), scale=scale) if slices.base is not None else None
-
-    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        many = _fused.fold_many(random_kernel, slices, [self._params(key) for key in keys])
-        return many if many is not None else super().merge_tensors(keys, slices)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from magmax.merging import _fused, _native
-from magmax.merging.base import MergeMethod, TaskSlices, register
+from magmax.merging._kernel_fold import KernelFold
+from magmax.merging.base import register
 
 
 @_fused.native(_native.sum_group, gpu="sum")
@@ -35,31 +36,10 @@ def sum_kernel(
 
 
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(KernelFold):
     name = "task_arithmetic"
     summary = "sum of the task vectors times λ (λ is usually tuned)"
     reference = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
+    kernel = staticmethod(sum_kernel)
     default_scale = 0.3
-    foldable = True
-    folds_natively = True
     key_independent = True
-    merges_many = True
-
-    def init(self, key: str, first: Tensor) -> Tensor:
-        return first.to(torch.float32, copy=True)
-
-    def update(self, state: Tensor, tau: Tensor, t: int, key: str) -> Tensor:
-        return _fused.update_state(sum_kernel, state, tau, t)
-
-    def result(self, state: Tensor, key: str) -> Tensor:
-        return state
-
-    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        return _fused.fold_slices(sum_kernel, slices)
-
-    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        return _fused.fold_slices(sum_kernel, slices, scale=scale) if slices.base is not None else None
-
-    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        many = _fused.fold_many(sum_kernel, slices)
-        return many if many is not None else super().merge_tensors(keys, slices)
