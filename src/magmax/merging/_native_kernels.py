@@ -216,14 +216,13 @@ def random_fold(count_finite: bool, finish: int):
             choice = f32(x0[i]) - b if first else state[i]  # t = 0 is always taken
             probe = choice if first else np.float32(0.0)
             spread = np.uint32(np.uint32(offset + i) * _SPREAD)
-            j = 0
-            for x in xs:
+            for j in range(len(xs)):  # not `for x in xs` with a counter: that kept LLVM from vectorising
+                x = xs[j]
                 h = _hash32(spread, keys[j])
                 v = f32(x[i]) - b
                 if count_finite:
                     probe += v
                 choice = v if h <= thresholds[j] else choice
-                j += 1
             state[i] = _finish(choice, b, finish, scale)
             if count_finite:
                 finite += np.int32(abs(probe) < np.inf)
@@ -248,14 +247,13 @@ def dare_fold(count_finite: bool, finish: int):
             total = np.float32(-0.0) if first else state[i]
             probe = np.float32(0.0)
             spread = np.uint32(np.uint32(offset + i) * _SPREAD)
-            j = 0
-            for x in xs:
+            for j in range(len(xs)):  # not `for x in xs` with a counter: that kept LLVM from vectorising
+                x = xs[j]
                 v = f32(x[i]) - b
                 if count_finite:
                     probe += v
                 h = _hash32(spread, keys[j])
                 total = total + (v / divisor if h >= thresholds[j] else np.float32(0.0))
-                j += 1
             state[i] = _finish(total, b, finish, scale)
             if count_finite:
                 finite += np.int32(abs(probe) < np.inf)
@@ -682,13 +680,12 @@ def band_sum_fold(finish: int):
             b = f32(base[i]) if has_base else np.float32(0.0)
             total = np.float32(-0.0) if first else state[i]
             probe = np.float32(0.0)
-            j = 0
-            for x in xs:
+            for j in range(len(xs)):  # not `for x in xs` with a counter: that kept LLVM from vectorising
+                x = xs[j]
                 v = f32(x[i]) - b
                 probe += v
                 a = abs(v)
                 total = total + (v if (a >= low[j]) & (a <= high[j]) else np.float32(0.0))
-                j += 1
             state[i] = _finish(total, b, finish, scale)
             finite += np.int32(abs(probe) < np.inf)
         return finite
