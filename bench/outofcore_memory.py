@@ -60,18 +60,14 @@ def write_model(path: Path, tensors: int, numel: int, model: int) -> None:
     part.rmdir()
 
 
-METHOD = "magmax"
-"""The merging method of every run (``--method``)."""
-
-
-def merge(base: Path, finetuned: list[Path], out: Path, limit: int | None) -> ChildRun:
+def merge(method: str, base: Path, finetuned: list[Path], out: Path, limit: int | None) -> ChildRun:
     argv = [
         sys.executable,
         "-c",
         CHILD,
         "merge",
         "--method",
-        METHOD,
+        method,
         "--base",
         str(base),
         *map(str, finetuned),
@@ -90,14 +86,15 @@ def merge(base: Path, finetuned: list[Path], out: Path, limit: int | None) -> Ch
     return result
 
 
-def smallest_limit(base: Path, finetuned: list[Path], out: Path, low: int = 512 << 20, high: int = 4 << 30) -> int:
+def smallest_limit(method: str, base: Path, finetuned: list[Path], out: Path, low: int = 512 << 20,
+                   high: int = 4 << 30) -> int:
     """Bisect the smallest RLIMIT_AS (64 MB steps) under which this merge succeeds."""
     step = 64 << 20
-    if merge(base, finetuned, out, high).returncode != 0:
+    if merge(method, base, finetuned, out, high).returncode != 0:
         raise SystemExit(f"the merge fails even under a {format_bytes(high)} address-space limit")
     while high - low > step:
         mid = (low + high) // 2 // step * step
-        ok = merge(base, finetuned, out, mid).returncode == 0
+        ok = merge(method, base, finetuned, out, mid).returncode == 0
         print(f"  limit {format_bytes(mid)}: {'ok' if ok else 'fails'}", file=sys.stderr)
         low, high = (low, mid) if ok else (mid, high)
     return high
@@ -113,8 +110,6 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints for a later run")
     parser.add_argument("--method", default="magmax", help="the merging method (a registry name)")
     args = parser.parse_args()
-    global METHOD
-    METHOD = args.method
     sizes = [float(s) for s in args.sizes.split(",")]
     tasks = sorted(int(t) for t in args.tasks.split(","))
     numel = int(args.tensor_mb * 1e6 / 4)
@@ -126,8 +121,8 @@ def main() -> None:
     for m, path in enumerate(tiny):
         path.parent.mkdir(exist_ok=True)
         write_model(path, 1, 1000, m)
-    baseline = merge(tiny[0], tiny[1:], work / "tiny" / "out", None).peak_rss_bytes
-    print(f"method {METHOD}; fixed cost: the same merge of a model of one 4 kB tensor: peak RSS {format_bytes(baseline)}")
+    baseline = merge(args.method, tiny[0], tiny[1:], work / "tiny" / "out", None).peak_rss_bytes
+    print(f"method {args.method}; fixed cost: the same merge of a model of one 4 kB tensor: peak RSS {format_bytes(baseline)}")
 
     rows = []
     limit: int | None = None
@@ -145,13 +140,13 @@ def main() -> None:
                 file=sys.stderr,
             )
             if limit is None and args.limit == "auto":
-                limit = smallest_limit(paths[0], paths[1 : 1 + tasks[0]], folder / "out")
+                limit = smallest_limit(args.method, paths[0], paths[1 : 1 + tasks[0]], folder / "out")
                 limit = int(limit * 1.25)
                 print(f"address-space limit for every run: {format_bytes(limit)} (smallest that works × 1.25)")
             elif limit is None and args.limit != "none":
                 limit = parse_byte_size(args.limit)
             for t in tasks:
-                result = merge(paths[0], paths[1 : 1 + t], folder / "out", limit)
+                result = merge(args.method, paths[0], paths[1 : 1 + t], folder / "out", limit)
                 status = (
                     "ok" if result.returncode == 0 else "FAILED: " + (result.stderr.strip().splitlines() or ["?"])[-1]
                 )

@@ -357,11 +357,9 @@ def sample_entries(base, inputs, phase, stride, out, filled) -> int:
 def count_and_gather(base, inputs, low, high, below, gathered, filled, report_finite: bool = True) -> None:
     """For every input j and bracket r: below[j, r] += #{|τ_j| < low[j, r]}; the |τ_j| in [low[j, r],
     high[j, r]] go to gathered[j, r] (filled[j, r] counts them, and is left above the capacity where they
-    did not fit). One bracket per input may come as 1-D ``low``, ``high``, ``below``, ``filled`` and a 2-D
-    ``gathered``. Where τ is formed from θ0 and ``report_finite``, whether every |τ_j| was
-    finite goes to :func:`finite_watch`, as the folds report it. Inputs split over threads."""
-    if low.ndim == 1:
-        low, high, below, filled, gathered = low[:, None], high[:, None], below[:, None], filled[:, None], gathered[:, None]
+    did not fit): ``low``, ``high``, ``below``, ``filled`` are (inputs, brackets), ``gathered`` (inputs,
+    brackets, room). Where τ is formed from θ0 and ``report_finite``, whether every |τ_j| was finite goes
+    to :func:`finite_watch`, as the folds report it. Inputs split over threads."""
     b, has_base, arrays, addresses, n = _by_address(base, inputs)
     counting = has_base and report_finite
     kernel = _kernels().count_gather(counting)

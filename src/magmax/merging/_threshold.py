@@ -137,6 +137,16 @@ def gather_capacity(lo_index: int, hi_index: int, taken: int, total: int) -> int
     return min(GATHER_CAP, int(2 * share * total) + 1024)
 
 
+def gathered_rank(gathered: np.ndarray, filled: int, below: int, position: int) -> np.float32 | None:
+    """The magnitude of 1-based ascending rank ``position`` from one bracket's counting pass: ``below``
+    magnitudes lie under the bracket and the first ``filled`` entries of ``gathered`` in it. None where
+    the bracket did not hold that rank or overflowed its room (``filled`` above ``gathered``'s length)."""
+    inside = position - below
+    if 1 <= inside <= filled <= gathered.shape[0]:
+        return np.partition(gathered[:filled], inside - 1)[inside - 1]
+    return None
+
+
 def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> tuple[list[float | None], np.ndarray]:
     """κ_t by sample → bracket → count and gather (None where the bracket did not decide), and the sample.
 
@@ -175,8 +185,8 @@ def _bracketed_tasks(stream: SlicesStream, first: int, count: int, total: int, p
     if offset != total:
         raise RuntimeError(f"the task vectors have {offset} entries, not {total}")
 
-    low = np.empty(count, dtype=np.float32)
-    high = np.empty(count, dtype=np.float32)
+    low = np.empty((count, 1), dtype=np.float32)  # one bracket per task (count_and_gather's layout)
+    high = np.empty((count, 1), dtype=np.float32)
     lo_index, hi_index = bracket_ranks(taken, total, position)
     wanted = [i for i in (lo_index, hi_index) if 0 <= i < taken]
 
@@ -184,17 +194,17 @@ def _bracketed_tasks(stream: SlicesStream, first: int, count: int, total: int, p
         for t in range(tasks.start, tasks.stop):
             magnitudes = np.abs(sample[t, :taken])
             values = np.partition(magnitudes, wanted) if wanted else magnitudes
-            low[t] = values[lo_index] if lo_index >= 0 else 0.0
-            high[t] = values[hi_index] if hi_index < taken else np.inf
+            low[t, 0] = values[lo_index] if lo_index >= 0 else 0.0
+            high[t, 0] = values[hi_index] if hi_index < taken else np.inf
 
     _native.per_task_blocks(count, bracket)
     # Kept for TIES's guess of the majority sign: every few positions, evenly over the model.
     kept = np.ascontiguousarray(sample[:, : taken : max(1, taken // KEPT_SAMPLE)])
     sample = None  # the full sample is freed before the gathering pass
     cap = gather_capacity(lo_index, hi_index, taken, total)
-    gathered = np.empty((count, cap), dtype=np.float32)
-    below = np.zeros(count, dtype=np.int64)
-    filled = np.zeros(count, dtype=np.int64)
+    gathered = np.empty((count, 1, cap), dtype=np.float32)
+    below = np.zeros((count, 1), dtype=np.int64)
+    filled = np.zeros((count, 1), dtype=np.int64)
     for _, slices in stream():
         for start, stop, base, xs in _native_groups(slices, first, count):
             _native.count_and_gather(
@@ -207,9 +217,8 @@ def _bracketed_tasks(stream: SlicesStream, first: int, count: int, total: int, p
 
     def select(tasks: slice) -> None:
         for t in range(tasks.start, tasks.stop):
-            inside = int(position - below[t])
-            if 1 <= inside <= filled[t] and filled[t] <= cap:
-                found[t] = float(np.partition(gathered[t, : filled[t]], inside - 1)[inside - 1])
+            value = gathered_rank(gathered[t, 0], int(filled[t, 0]), int(below[t, 0]), position)
+            found[t] = None if value is None else float(value)
 
     _native.per_task_blocks(count, select)
     return found, kept
@@ -272,11 +281,10 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
     def select(tasks: slice) -> None:
         for j in range(tasks.start, tasks.stop):
             for r, position in enumerate(positions):
-                inside = int(position - below[j, r])
-                if 1 <= inside <= filled[j, r] <= cap:
-                    out[j, r] = np.partition(gathered[j, r, : filled[j, r]], inside - 1)[inside - 1]
-                else:  # the bracket missed (or overflowed): select from every magnitude
-                    out[j, r] = np.partition(magnitudes(j), position - 1)[position - 1]
+                value = gathered_rank(gathered[j, r], int(filled[j, r]), int(below[j, r]), position)
+                if value is None:  # the bracket missed (or overflowed): select from every magnitude
+                    value = np.partition(magnitudes(j), position - 1)[position - 1]
+                out[j, r] = value
 
     _native.per_task_blocks(count, bracket)
     # Not reporting finiteness: the banded fold that follows counts it.
