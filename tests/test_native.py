@@ -430,6 +430,18 @@ def test_native_breadcrumbs_equals_the_torch_kernel(options, count, dtype, torch
     assert_state_dicts_bitwise_equal(merger.task_vector(), want_tau)
 
 
+@pytest.mark.parametrize("count", [2, 9])
+def test_breadcrumbs_fold_split_by_entries_over_threads_keeps_the_bits(count, task_threads, torch_kernels):
+    """The banded sum runs on the task pool in ranges of entries (64-entry aligned; with SERIAL_NUMEL off
+    here, even tensors of a few entries are split, some ranges empty): the torch kernel's bits."""
+    base = make_state_dict(51, {"w": (131, 77), "b": (5,), "v": (40,)})
+    fts = make_finetuned(base, count, seed=52, quantum=0.0625)
+    torch_kernels(False)
+    want = magmax.merge("breadcrumbs", base, fts, bottom=0.4, top=0.1)
+    torch_kernels(True)
+    assert_state_dicts_bitwise_equal(magmax.merge("breadcrumbs", base, fts, bottom=0.4, top=0.1), want)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 6000), count=st.integers(1, 4), brackets=st.integers(1, 3), with_base=st.booleans(),
        bf16=st.booleans(), cap=st.sampled_from([1, 37, 10_000]), seed=st.integers(0, 2**16))
@@ -481,6 +493,19 @@ def test_count_and_gather_never_writes_past_the_room_it_is_given():
         assert filled[0, 0] > cap and below[0, 0] == 0
         written = room[: min(cap, 16 * (cap // 16))]
         np.testing.assert_array_equal(written, np.arange(1, written.size + 1, dtype=np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.integers(-5, 5), min_size=1, max_size=300), data=st.data())
+def test_order_statistics_are_the_sorted_values_at_those_indices(values, data):
+    """Any indices (repeated, unsorted) of arrays full of ties: the entries of the sorted array there."""
+    from magmax.merging._threshold import order_statistics
+
+    array = np.asarray(values, dtype=np.float32) / 4
+    indices = data.draw(st.lists(st.integers(0, array.size - 1), max_size=6))
+    kept = array.copy()
+    np.testing.assert_array_equal(order_statistics(array, indices), np.sort(array)[indices])
+    np.testing.assert_array_equal(array, kept)
 
 
 @pytest.mark.parametrize("failure", ["bracket misses", "gather overflows"])

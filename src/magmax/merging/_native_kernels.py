@@ -672,11 +672,12 @@ def tall_votes(total, votes, base, has_base, addresses, like, n, lam, parts):  #
 @_specialised
 def band_sum_fold(finish: int):
     # Σ_t where(low_t <= |τ_t| <= high_t, τ_t, 0) in task order; a first group starts from −0.0, the
-    # identity of float addition, which gives exactly "state = the first masked τ".
-    @njit(parallel=True, cache=True, nogil=True)
+    # identity of float addition, which gives exactly "state = the first masked τ". Serial and nogil: the
+    # caller runs ranges of entries on threads of its own (see _native.band_sum_group).
+    @njit(cache=True, nogil=True)
     def fold(state, base, has_base, first, xs, low, high, scale):  # pragma: no cover - compiled
         finite = 0
-        for i in prange(state.shape[0]):
+        for i in range(state.shape[0]):
             b = f32(base[i]) if has_base else np.float32(0.0)
             total = np.float32(-0.0) if first else state[i]
             probe = np.float32(0.0)

@@ -137,6 +137,21 @@ def gather_capacity(lo_index: int, hi_index: int, taken: int, total: int) -> int
     return min(GATHER_CAP, int(2 * share * total) + 1024)
 
 
+def order_statistics(values: np.ndarray, indices: list[int]) -> np.ndarray:
+    """The entries at the 0-based ``indices`` of ``values`` sorted ascending: what ``np.partition(values,
+    indices)`` holds there. One single-index partition per distinct index, each over what lies right of
+    the previous one: numpy's partition at several indices at once is several times slower (8.8 ms against
+    0.9 ms for two ranks of 2^19 float32 here; 0.15 against 0.04 ms for four of 2^14)."""
+    out = np.empty(len(indices), dtype=values.dtype)
+    rest, offset = values, 0
+    for index in sorted(set(indices)):
+        rest = np.partition(rest, index - offset)
+        value = rest[index - offset]
+        out[[r for r, i in enumerate(indices) if i == index]] = value
+        rest, offset = rest[index - offset + 1:], index + 1
+    return out
+
+
 def gathered_rank(gathered: np.ndarray, filled: int, below: int, position: int) -> np.float32 | None:
     """The magnitude of 1-based ascending rank ``position`` from one bracket's counting pass: ``below``
     magnitudes lie under the bracket and the first ``filled`` entries of ``gathered`` in it. None where
@@ -192,10 +207,9 @@ def _bracketed_tasks(stream: SlicesStream, first: int, count: int, total: int, p
 
     def bracket(tasks: slice) -> None:  # np.partition releases the GIL: tasks in parallel
         for t in range(tasks.start, tasks.stop):
-            magnitudes = np.abs(sample[t, :taken])
-            values = np.partition(magnitudes, wanted) if wanted else magnitudes
-            low[t, 0] = values[lo_index] if lo_index >= 0 else 0.0
-            high[t, 0] = values[hi_index] if hi_index < taken else np.inf
+            chosen = dict(zip(wanted, order_statistics(np.abs(sample[t, :taken]), wanted)))
+            low[t, 0] = chosen[lo_index] if lo_index >= 0 else 0.0
+            high[t, 0] = chosen[hi_index] if hi_index < taken else np.inf
 
     _native.per_task_blocks(count, bracket)
     # Kept for TIES's guess of the majority sign: every few positions, evenly over the model.
@@ -256,8 +270,7 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
 
     if n <= SMALL_TENSOR:
         for j in range(count):
-            chosen = np.partition(magnitudes(j), [p - 1 for p in positions])
-            out[j] = [chosen[p - 1] for p in positions]
+            out[j] = order_statistics(magnitudes(j), [p - 1 for p in positions])
         return out
     stride = max(1, n // TENSOR_SAMPLE)
     sample = np.empty((count, n // stride + 2), dtype=np.float32)
@@ -273,7 +286,7 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
 
     def bracket(tasks: slice) -> None:  # np.partition releases the GIL: inputs in parallel
         for j in range(tasks.start, tasks.stop):
-            chosen = np.partition(np.abs(sample[j, :taken]), wanted) if wanted else sample[j, :taken]
+            chosen = dict(zip(wanted, order_statistics(np.abs(sample[j, :taken]), wanted)))
             for r, (lo_index, hi_index) in enumerate(brackets):
                 low[j, r] = chosen[lo_index] if lo_index >= 0 else 0.0
                 high[j, r] = chosen[hi_index] if hi_index < taken else np.inf
