@@ -479,6 +479,30 @@ def test_count_and_gather_counts_below_and_gathers_inside_each_bracket(n, count,
                 assert filled[j, r] > cap
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("where", [None, 0, 2047, 2048, 4095, 5000, 5016])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_count_and_gather_reports_whether_every_tau_was_finite(bad, where, bf16):
+    """With θ0, the counting pass vouches for finiteness (the engine then skips its own NaN/Inf check):
+    one NaN or ±Inf anywhere (first or last entry of a 2,048-entry block, in the tail after the last
+    whole 16-entry step) in θ0 or in one input, and it does not."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    n = 5017
+    gen = torch.Generator().manual_seed(53)
+    base = torch.randn(n, generator=gen).to(dtype)
+    inputs = [(base.float() + 0.1 * torch.randn(n, generator=gen)).to(dtype) for _ in range(3)]
+    for poisoned in ([base, *inputs] if where is not None else [base]):
+        bad_base, bad_inputs = base.clone(), [x.clone() for x in inputs]
+        if where is not None:
+            target = bad_base if poisoned is base else bad_inputs[[id(x) for x in inputs].index(id(poisoned))]
+            target[where] = bad
+        low, high = np.zeros((3, 1), np.float32), np.full((3, 1), 0.05, np.float32)
+        below, filled = np.zeros((3, 1), np.int64), np.zeros((3, 1), np.int64)
+        with _native.finite_watch() as watch:
+            _native.count_and_gather(bad_base, bad_inputs, low, high, below, np.empty((3, 1, n), np.float32), filled)
+        assert watch.proves_finite(3) == (where is None)
+
+
 def test_count_and_gather_never_writes_past_the_room_it_is_given():
     """Every capacity from 1 to 48 with every magnitude inside the bracket: the 16-entry compress-stores
     stop before the end of the room (a guard after it stays untouched) and leave filled above it."""

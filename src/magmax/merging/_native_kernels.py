@@ -27,6 +27,17 @@ def _bits_to_f32(typingctx, bits):  # pragma: no cover - compiled
 
 
 @intrinsic
+def _f32_bits(typingctx, value):  # pragma: no cover - compiled
+    """The bit pattern of a float32 as a uint32 (an LLVM bitcast)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return sig, codegen
+
+
+@intrinsic
 def _pointer(typingctx, address, like):  # pragma: no cover - compiled
     """The int64 ``address`` as a pointer to entries of ``like``'s dtype (an LLVM inttoptr)."""
     pointer = types.CPointer(like.dtype)
@@ -409,13 +420,25 @@ def count_gather(count_finite: bool):
                 b0[:] = 0.0
             for j in range(count):
                 x = _input(addresses, j, like, n)[s:s + m]
-                for k in range(m):
-                    mags[k] = abs(f32(x[k]) - b0[k])
+                if count_finite:
+                    # The largest bit pattern of the block's |τ| (an integer max: a reduction LLVM may
+                    # vectorise, unlike a float one) is below +Inf's only if every |τ| is finite; only a
+                    # block that fails counts lane by lane.
+                    top = np.uint32(0)
+                    for k in range(m):
+                        a = abs(f32(x[k]) - b0[k])
+                        mags[k] = a
+                        top = max(top, _f32_bits(a))
+                    if top < np.uint32(0x7F800000):
+                        finite += m
+                    else:
+                        for q in range(0, m, COMPRESS_WIDTH):
+                            finite += _below16(mags, q, np.float32(np.inf))
+                else:
+                    for k in range(m):
+                        mags[k] = abs(f32(x[k]) - b0[k])
                 for r in range(brackets):
                     _count_gather_block(mags, m, low[j, r], high[j, r], gathered[j, r], counted, counts, j, r)
-                if count_finite:
-                    for q in range(0, m, COMPRESS_WIDTH):
-                        finite += _below16(mags, q, np.float32(np.inf))
         for j in range(count):  # the last n mod 16 entries
             x = _input(addresses, j, like, n)
             for i in range(full, n):
