@@ -413,11 +413,13 @@ class CountingReader(DictReader):
     ],
 )
 def test_engine_reads_each_task_vector_only_as_often_as_the_method_needs(name, options, reads):
+    """θ0 included: a pass that only asks how the inputs are held (TIES's thresholds) reads none of it."""
     base, fts = make_models(seed=1, T=3)
+    base_reader = CountingReader(base, "base")
     readers = [CountingReader(ft, f"ft{i}") for i, ft in enumerate(fts)]
-    MergeRun(create_method(name, **options), DictReader(base), readers).run(DictWriter())
-    for reader in readers:
-        assert reader.reads == {key: reads for key in float_keys(base)}
+    MergeRun(create_method(name, **options), base_reader, readers).run(DictWriter())
+    for reader in [base_reader, *readers]:
+        assert {key: reader.reads[key] for key in float_keys(base)} == {key: reads for key in float_keys(base)}
 
 
 def test_ties_default_scale_and_int_buffers():

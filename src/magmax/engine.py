@@ -231,17 +231,23 @@ class MergeRun:
         return flat
 
     def slices(self, name: str, base_tensor: Tensor | None = None, check: bool = True) -> TaskSlices:
-        """τ_1..τ_T of one unit (a tensor's key, or a bucket's name), each computed when indexed (θ0 loaded once)."""
+        """τ_1..τ_T of one unit (a tensor's key, or a bucket's name), each computed when indexed (θ0 loaded
+        once, when first needed)."""
         unit = self.units[name]
-        base_tensor = self._load_unit(self.base, -1, unit, check) if base_tensor is None else base_tensor
+        loaded = [] if base_tensor is None else [base_tensor]
+
+        def base() -> Tensor:
+            if not loaded:
+                loaded.append(self._load_unit(self.base, -1, unit, check))
+            return loaded[0]
 
         def finetuned(t: int) -> Tensor:
             return self._load_unit(self.finetuned[t], t, unit, check)
 
         def load(t: int) -> Tensor:
-            return task_vector_tensor(base_tensor, finetuned(t))
+            return task_vector_tensor(base(), finetuned(t))
 
-        return TaskSlices(name, len(self.finetuned), load, base=base_tensor, finetuned=finetuned,
+        return TaskSlices(name, len(self.finetuned), load, base=base, finetuned=finetuned,
                           resident=self._resident(unit))
 
     def _key_slices(self, key: str, base_tensor: Tensor, check: bool) -> TaskSlices:
@@ -307,8 +313,9 @@ class MergeRun:
     def _inputs_on_device(self) -> bool:
         """In-memory state dicts whose tensors are on the merge's device already: loading copies nothing."""
         if self._on_device is None:
-            self._on_device = self._in_memory and (
-                not self.float_keys or self.base.get(self.float_keys[0]).device == self.device
+            base = self.base
+            self._on_device = self._in_memory and isinstance(base, DictReader) and (
+                not self.float_keys or base.state[self.float_keys[0]].device == self.device  # not counted as a read
             )
         return self._on_device
 

@@ -56,7 +56,7 @@ class TaskSlices(Sequence[Tensor]):
         count: int,
         load: Callable[[int], Tensor],
         *,
-        base: Tensor | None = None,
+        base: Tensor | Callable[[], Tensor] | None = None,
         finetuned: Callable[[int], Tensor] | None = None,
         resident: bool = False,
     ):
@@ -66,7 +66,10 @@ class TaskSlices(Sequence[Tensor]):
         ``_fused.GROUP`` raw tensors at a time, so that out-of-core memory does not grow with T)."""
         self._count = count
         self._load = load
-        self._base = base
+        # θ0 as a tensor, or a loader called when it is first needed: a pass that only asks how the
+        # inputs are held (``resident``) must not read it from disk.
+        self._base = base if isinstance(base, Tensor) else None
+        self._base_loader = None if isinstance(base, Tensor) else base
         self._finetuned = finetuned
 
     def __len__(self) -> int:
@@ -80,15 +83,22 @@ class TaskSlices(Sequence[Tensor]):
     @property
     def base(self) -> Tensor | None:
         """θ0 when the slices are formed from checkpoints (``operands`` gives (θ_t, θ0)), else None."""
-        return self._base if self._finetuned is not None else None
+        return self._loaded_base() if self._finetuned is not None else None
+
+    def _loaded_base(self) -> Tensor | None:
+        if self._base is None and self._base_loader is not None:
+            self._base = self._base_loader()
+            self._base_loader = None
+        return self._base
 
     def operands(self, t: int) -> tuple[Tensor, Tensor | None]:
         """(θ_t, θ0) when the slices come from checkpoints, else (τ_t, None)."""
-        if self._finetuned is None or self._base is None:
+        if self._finetuned is None or (self._base is None and self._base_loader is None):
             return self[t], None
         if not 0 <= t < self._count:
             raise IndexError(t)
-        return self._finetuned(t), self._base
+        base = self._loaded_base()  # θ0 first: its NaN/Inf check comes before θ_t's, as when it was eager
+        return self._finetuned(t), base
 
     def operand_range(self, start: int, stop: int) -> tuple[list[Tensor], Tensor | None]:
         """The first items of ``operands(t)`` for t = start..stop−1, and θ0 (or None), in one call."""
