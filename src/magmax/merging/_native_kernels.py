@@ -15,26 +15,24 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
 
-@intrinsic
-def _bits_to_f32(typingctx, bits):  # pragma: no cover - compiled
-    """Reinterpret a uint32 as the float32 with that bit pattern (an LLVM bitcast)."""
-    sig = types.float32(types.uint32)
+def _bitcast(source: Any, target: Any) -> Any:
+    """An intrinsic reading a ``source`` value's bits as a ``target`` of the same width (an LLVM bitcast)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    @intrinsic
+    def cast(typingctx, value):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
 
-    return sig, codegen
+        return target(source), codegen
+
+    return cast
 
 
-@intrinsic
-def _f32_bits(typingctx, value):  # pragma: no cover - compiled
-    """The bit pattern of a float32 as a uint32 (an LLVM bitcast)."""
-    sig = types.uint32(types.float32)
+_bits_to_f32 = _bitcast(types.uint32, types.float32)
+"""The float32 with a uint32's bit pattern."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-    return sig, codegen
+_f32_bits = _bitcast(types.float32, types.uint32)
+"""The bit pattern of a float32 as a uint32."""
 
 
 @intrinsic
