@@ -162,6 +162,50 @@ def gathered_rank(gathered: np.ndarray, filled: int, below: int, position: int) 
     return None
 
 
+class Brackets:
+    """Per task and rank, the bracket of sampled magnitudes around the rank, and what the counting pass
+    finds in it: the steps the global thresholds and the per-tensor bounds share.
+
+    ``Brackets(sample, taken, total, positions)`` brackets each 1-based ascending rank of ``positions``
+    among the ``total`` magnitudes of each task from its ``taken`` sampled τ values (rows of ``sample``);
+    :meth:`count` runs the counting pass over (a group of) the inputs; :meth:`rank` then gives the exact
+    value, or None where the bracket missed it or overflowed its room."""
+
+    def __init__(self, sample: np.ndarray, taken: int, total: int, positions: list[int]):
+        count = sample.shape[0]
+        ranks = [bracket_ranks(taken, total, p) for p in positions]
+        wanted = sorted({i for pair in ranks for i in pair if 0 <= i < taken})
+        self.low = np.empty((count, len(ranks)), dtype=np.float32)
+        self.high = np.empty((count, len(ranks)), dtype=np.float32)
+
+        def bracket(tasks: slice) -> None:  # np.partition releases the GIL: tasks in parallel
+            for t in range(tasks.start, tasks.stop):
+                chosen = dict(zip(wanted, order_statistics(np.abs(sample[t, :taken]), wanted)))
+                for r, (lo_index, hi_index) in enumerate(ranks):
+                    self.low[t, r] = chosen[lo_index] if lo_index >= 0 else 0.0
+                    self.high[t, r] = chosen[hi_index] if hi_index < taken else np.inf
+
+        _native.per_task_blocks(count, bracket)
+        self.capacity = max(gather_capacity(lo, hi, taken, total) for lo, hi in ranks)
+        self.below = np.zeros((count, len(ranks)), dtype=np.int64)
+        self.filled = np.zeros((count, len(ranks)), dtype=np.int64)
+        self.gathered: np.ndarray | None = None  # allocated by the first count: the caller may free its sample first
+
+    def count(self, base: Tensor | None, inputs: list[Tensor], tasks: slice = slice(None),
+              report_finite: bool = True) -> None:
+        """The counting pass over ``inputs``, the tasks ``tasks`` of the brackets (see
+        :func:`magmax.merging._native.count_and_gather`)."""
+        if self.gathered is None:
+            self.gathered = np.empty((*self.low.shape, self.capacity), dtype=np.float32)
+        _native.count_and_gather(base, inputs, self.low[tasks], self.high[tasks], self.below[tasks],
+                                 self.gathered[tasks], self.filled[tasks], report_finite=report_finite)
+
+    def rank(self, t: int, r: int, position: int) -> np.float32 | None:
+        """The magnitude of rank ``position`` (bracket r) of task t, or None where the bracket did not hold it."""
+        assert self.gathered is not None, "count first"
+        return gathered_rank(self.gathered[t, r], int(self.filled[t, r]), int(self.below[t, r]), position)
+
+
 def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> tuple[list[float | None], np.ndarray]:
     """κ_t by sample → bracket → count and gather (None where the bracket did not decide), and the sample.
 
@@ -200,38 +244,20 @@ def _bracketed_tasks(stream: SlicesStream, first: int, count: int, total: int, p
     if offset != total:
         raise RuntimeError(f"the task vectors have {offset} entries, not {total}")
 
-    low = np.empty((count, 1), dtype=np.float32)  # one bracket per task (count_and_gather's layout)
-    high = np.empty((count, 1), dtype=np.float32)
-    lo_index, hi_index = bracket_ranks(taken, total, position)
-    wanted = [i for i in (lo_index, hi_index) if 0 <= i < taken]
-
-    def bracket(tasks: slice) -> None:  # np.partition releases the GIL: tasks in parallel
-        for t in range(tasks.start, tasks.stop):
-            chosen = dict(zip(wanted, order_statistics(np.abs(sample[t, :taken]), wanted)))
-            low[t, 0] = chosen[lo_index] if lo_index >= 0 else 0.0
-            high[t, 0] = chosen[hi_index] if hi_index < taken else np.inf
-
-    _native.per_task_blocks(count, bracket)
+    brackets = Brackets(sample, taken, total, [position])
     # Kept for TIES's guess of the majority sign: every few positions, evenly over the model.
     kept = np.ascontiguousarray(sample[:, : taken : max(1, taken // KEPT_SAMPLE)])
     sample = None  # the full sample is freed before the gathering pass
-    cap = gather_capacity(lo_index, hi_index, taken, total)
-    gathered = np.empty((count, 1, cap), dtype=np.float32)
-    below = np.zeros((count, 1), dtype=np.int64)
-    filled = np.zeros((count, 1), dtype=np.int64)
     for _, slices in stream():
         for start, stop, base, xs in _native_groups(slices, first, count):
-            _native.count_and_gather(
-                base, xs, low[start:stop], high[start:stop], below[start:stop], gathered[start:stop],
-                filled[start:stop],
-            )
+            brackets.count(base, xs, slice(start, stop))
             del xs, base
 
     found: list[float | None] = [None] * count
 
     def select(tasks: slice) -> None:
         for t in range(tasks.start, tasks.stop):
-            value = gathered_rank(gathered[t, 0], int(filled[t, 0]), int(below[t, 0]), position)
+            value = brackets.rank(t, 0, position)
             found[t] = None if value is None else float(value)
 
     _native.per_task_blocks(count, select)
@@ -275,32 +301,17 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
     stride = max(1, n // TENSOR_SAMPLE)
     sample = np.empty((count, n // stride + 2), dtype=np.float32)
     taken = _native.sample_entries(base, inputs, 0, stride, sample, 0)
-    brackets = [bracket_ranks(taken, n, p) for p in positions]
-    wanted = sorted({i for pair in brackets for i in pair if 0 <= i < taken})
-    low = np.empty((count, ranks), dtype=np.float32)
-    high = np.empty((count, ranks), dtype=np.float32)
-    cap = max(gather_capacity(lo, hi, taken, n) for lo, hi in brackets)
-    gathered = np.empty((count, ranks, cap), dtype=np.float32)
-    below = np.zeros((count, ranks), dtype=np.int64)
-    filled = np.zeros((count, ranks), dtype=np.int64)
-
-    def bracket(tasks: slice) -> None:  # np.partition releases the GIL: inputs in parallel
-        for j in range(tasks.start, tasks.stop):
-            chosen = dict(zip(wanted, order_statistics(np.abs(sample[j, :taken]), wanted)))
-            for r, (lo_index, hi_index) in enumerate(brackets):
-                low[j, r] = chosen[lo_index] if lo_index >= 0 else 0.0
-                high[j, r] = chosen[hi_index] if hi_index < taken else np.inf
+    brackets = Brackets(sample, taken, n, positions)
+    # Not reporting finiteness: the banded fold that follows counts it.
+    brackets.count(base, inputs, report_finite=False)
 
     def select(tasks: slice) -> None:
         for j in range(tasks.start, tasks.stop):
             for r, position in enumerate(positions):
-                value = gathered_rank(gathered[j, r], int(filled[j, r]), int(below[j, r]), position)
+                value = brackets.rank(j, r, position)
                 if value is None:  # the bracket missed (or overflowed): select from every magnitude
                     value = np.partition(magnitudes(j), position - 1)[position - 1]
                 out[j, r] = value
 
-    _native.per_task_blocks(count, bracket)
-    # Not reporting finiteness: the banded fold that follows counts it.
-    _native.count_and_gather(base, inputs, low, high, below, gathered, filled, report_finite=False)
     _native.per_task_blocks(count, select)
     return out
