@@ -18,6 +18,12 @@ followed by 16 zeros, as ``Tensor.float()`` does); float16 and float64 checkpoin
 kernels. The folds take a group of at most ``_fused.GROUP`` inputs as a tuple (one compiled version
 per group size); TIES's, Consensus's and Breadcrumbs' counting kernels take any number of inputs as
 an array of their addresses (one compiled version), so that inputs already in memory go in one call.
+
+Threads: the folds are numba ``prange`` loops (numba's threading layer: OpenMP where it loads, the same
+libgomp as torch's). The counting passes and numpy's partitions run as serial nogil calls on a pool of
+our own (:func:`per_task_blocks`), and so does any fold a merge alternates with them tensor by tensor
+(Breadcrumbs' banded sum, :func:`per_entry_blocks`): an OpenMP worker spins for milliseconds after each
+parallel loop, and beside it the pool's next pass would have one core fewer.
 """
 
 from __future__ import annotations
@@ -400,11 +406,13 @@ def per_entry_blocks(numel: int, run: Callable[[slice], Any]) -> list[Any]:
 
 
 def _blocks(total: int, parts: int, align: int = 1) -> list[slice]:
+    """``parts`` contiguous ranges covering 0..total−1, their inner edges rounded up to ``align``."""
     edges = [min(total, -(-(total * p // parts) // align) * align) for p in range(parts)] + [total]
     return [slice(edges[p], edges[p + 1]) for p in range(parts)]
 
 
 def _on_threads(blocks: list[slice], run: Callable[[slice], Any]) -> list[Any]:
+    """``run(block)`` for each block, each on a pool thread (one block: here); the results in order."""
     if len(blocks) == 1:
         return [run(blocks[0])]
     futures = [_pool(len(blocks)).submit(run, blk) for blk in blocks]
