@@ -8,6 +8,8 @@ the T slices one by one, so memory is O(1) in T and O(largest tensor) in model s
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -234,12 +236,8 @@ class MergeRun:
         """τ_1..τ_T of one unit (a tensor's key, or a bucket's name), each computed when indexed (θ0 loaded
         once, when first needed)."""
         unit = self.units[name]
-        loaded = [] if base_tensor is None else [base_tensor]
-
-        def base() -> Tensor:
-            if not loaded:
-                loaded.append(self._load_unit(self.base, -1, unit, check))
-            return loaded[0]
+        base = (lambda: base_tensor) if base_tensor is not None else functools.cache(
+            lambda: self._load_unit(self.base, -1, unit, check))
 
         def finetuned(t: int) -> Tensor:
             return self._load_unit(self.finetuned[t], t, unit, check)

@@ -418,23 +418,21 @@ def count_gather(count_finite: bool):
                 b0[:] = 0.0
             for j in range(count):
                 x = _input(addresses, j, like, n)[s:s + m]
-                if count_finite:
-                    # The largest bit pattern of the block's |τ| (an integer max: a reduction LLVM may
-                    # vectorise, unlike a float one) is below +Inf's only if every |τ| is finite; only a
-                    # block that fails counts lane by lane.
-                    top = np.uint32(0)
-                    for k in range(m):
-                        a = abs(f32(x[k]) - b0[k])
-                        mags[k] = a
+                # With count_finite, the largest bit pattern of the block's |τ| (an integer max: a
+                # reduction LLVM may vectorise, unlike a float one) is below +Inf's only if every |τ| is
+                # finite; only a block that fails counts lane by lane.
+                top = np.uint32(0)
+                for k in range(m):
+                    a = abs(f32(x[k]) - b0[k])
+                    mags[k] = a
+                    if count_finite:
                         top = max(top, _f32_bits(a))
+                if count_finite:
                     if top < np.uint32(0x7F800000):
                         finite += m
                     else:
                         for q in range(0, m, COMPRESS_WIDTH):
                             finite += _below16(mags, q, np.float32(np.inf))
-                else:
-                    for k in range(m):
-                        mags[k] = abs(f32(x[k]) - b0[k])
                 for r in range(brackets):
                     _count_gather_block(mags, m, low[j, r], high[j, r], gathered[j, r], counted, counts, j, r)
         for j in range(count):  # the last n mod 16 entries

@@ -152,16 +152,6 @@ def order_statistics(values: np.ndarray, indices: list[int]) -> np.ndarray:
     return out
 
 
-def gathered_rank(gathered: np.ndarray, filled: int, below: int, position: int) -> np.float32 | None:
-    """The magnitude of 1-based ascending rank ``position`` from one bracket's counting pass: ``below``
-    magnitudes lie under the bracket and the first ``filled`` entries of ``gathered`` in it. None where
-    the bracket did not hold that rank or overflowed its room (``filled`` above ``gathered``'s length)."""
-    inside = position - below
-    if 1 <= inside <= filled <= gathered.shape[0]:
-        return np.partition(gathered[:filled], inside - 1)[inside - 1]
-    return None
-
-
 class Brackets:
     """Per task and rank, the bracket of sampled magnitudes around the rank, and what the counting pass
     finds in it: the steps the global thresholds and the per-tensor bounds share.
@@ -201,9 +191,14 @@ class Brackets:
                                  self.gathered[tasks], self.filled[tasks], report_finite=report_finite)
 
     def rank(self, t: int, r: int, position: int) -> np.float32 | None:
-        """The magnitude of rank ``position`` (bracket r) of task t, or None where the bracket did not hold it."""
+        """The magnitude of 1-based ascending rank ``position`` (bracket r) of task t: the (position −
+        below)-th smallest gathered value. None where the bracket did not hold that rank or overflowed its
+        room (more values inside it than the room holds)."""
         assert self.gathered is not None, "count first"
-        return gathered_rank(self.gathered[t, r], int(self.filled[t, r]), int(self.below[t, r]), position)
+        filled, inside = int(self.filled[t, r]), position - int(self.below[t, r])
+        if 1 <= inside <= filled <= self.capacity:
+            return np.partition(self.gathered[t, r, :filled], inside - 1)[inside - 1]
+        return None
 
 
 def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> tuple[list[float | None], np.ndarray]:
