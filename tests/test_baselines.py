@@ -83,8 +83,8 @@ def test_ewc_fisher_is_combined_half_and_half(image_root, tmp_path, monkeypatch)
     real_fisher = baselines.fisher_diagonal
     real_make = continual_mod.make_regularizer
 
-    def fisher_spy(ctx, max_batches=None):
-        f = real_fisher(ctx, max_batches)
+    def fisher_spy(ctx, max_batches=None, targets="head"):
+        f = real_fisher(ctx, max_batches, targets)
         seen.append({n: v.clone() for n, v in f.items()})
         return f
 

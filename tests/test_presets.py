@@ -35,7 +35,7 @@ def test_preset_dry_run(path, tmp_path, monkeypatch):
     buffer = io.StringIO()
     print_plan(cfg, Console(file=buffer, width=200))
     text = buffer.getvalue()
-    assert "peak LR" in text and "magmax (λ=0.5)" in text
+    assert "peak LR" in text and "magmax (λ=0.5: θ0 + 0.5·τ*)" in text
 
 
 def test_cifar100_10_plan_has_the_paper_numbers(tmp_path, monkeypatch):

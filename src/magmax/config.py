@@ -76,6 +76,11 @@ class MergeConfig(StrictModel):
     method: str = Field(description="merging method (see `magmax list-methods`)")
     label: str | None = Field(None, description="row name in results (default: the method name)")
     options: dict[str, Any] = Field(default_factory=dict, description="method options, e.g. scale, k, seed")
+    population: Literal["trained", "whole_model"] = Field(
+        "trained",
+        description="ties (global threshold): rank the trained weights only, or the whole model's τ with a "
+        "frozen tower's zeros counted (the MagMax reference: ~35% of CLIP's vision weights kept at k = 20%)",
+    )
 
     @property
     def name(self) -> str:
@@ -86,9 +91,15 @@ class MergeConfig(StrictModel):
         from magmax.merging import create_method
 
         try:
-            create_method(self.method, **self.options)
+            method = create_method(self.method, **self.options)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        if self.population == "whole_model":
+            if getattr(method.options, "threshold", None) != "global":
+                raise ValueError(f"population: whole_model counts a frozen tower into a global top-k ranking; "
+                                 f"method '{self.method}' has none (use ties with threshold: global)")
+            if self.options.get("zero_entries"):
+                raise ValueError("set either population: whole_model or options.zero_entries, not both")
         return self
 
 
@@ -100,7 +111,24 @@ class LwfConfig(StrictModel):
 class EwcConfig(StrictModel):
     strength: float = Field(1e6, ge=0, description="λ of the penalty λ/2·Σ F(θ−θ_old)² (protocol: 1e6)")
     fisher_decay: float = Field(0.5, ge=0, le=1, description="F ← decay·F + (1−decay)·F_new (protocol: 0.5)")
-    fisher_batches: int | None = Field(None, ge=1, description="batches used for the Fisher (default: the whole task)")
+    fisher: Literal["empirical", "reference"] = Field(
+        "empirical",
+        description="empirical: per-batch gradients, Σ|batch|·g²/N (EWC as defined); reference: the MagMax "
+        "reference's loop, gradients never zeroed (they accumulate from the last clipped training step), "
+        "divided by (N // batch + 1)·batch, the Fisher λ = 1e6 was set against",
+    )
+    fisher_targets: Literal["head", "embedding"] = Field(
+        "head",
+        description="labels of the Fisher's CE: argmax of the head logits (reference, class-incremental) or of "
+        "the raw image embedding used as logits (reference, domain-incremental ewc_domain_splitted.py)",
+    )
+    fisher_batches: int | None = Field(None, ge=1, description="empirical Fisher: batches used (default: the whole task)")
+
+    @model_validator(mode="after")
+    def _batches_for_empirical(self) -> "EwcConfig":
+        if self.fisher == "reference" and self.fisher_batches is not None:
+            raise ValueError("fisher_batches applies to fisher: empirical; the reference loop reads the whole task")
+        return self
 
 
 class StreamConfig(StrictModel):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from magmax.api import Merger
 from magmax.merging import create_method
-from magmax.config import RunConfig, StreamConfig
+from magmax.config import MergeConfig, RunConfig, StreamConfig
 from magmax.data import load_dataset
 from magmax.errors import ConfigError
 from magmax.evaluation import EvalResult, EvalSet, evaluate
@@ -96,6 +96,15 @@ def load_stream(cfg: RunConfig) -> tuple[list[Task], list[HeadGroup], dict[str, 
         info[ds.name] = dict(getattr(ds, "info", {}))
         offset += n
     return tasks, groups, info
+
+
+def merge_options(merge: MergeConfig, backbone: Backbone) -> dict[str, Any]:
+    """The method options of ``merge``, with ``population: whole_model`` turned into the count of the
+    frozen tower's zero entries that TIES ranks with the trained ones (as the reference does)."""
+    options = dict(merge.options)
+    if merge.population == "whole_model":
+        options["zero_entries"] = backbone.reference_frozen_numel()
+    return options
 
 
 def make_regularizer(stream: StreamConfig) -> Regularizer | None:
@@ -234,7 +243,7 @@ class ContinualRun:
         done = entry["completed"]
         if done == len(self.tasks):
             return
-        mergers = {m.name: Merger(m.method, self.theta0, **m.options) for m in merges}
+        mergers = {m.name: Merger(m.method, self.theta0, **merge_options(m, self.backbone)) for m in merges}
         regularizer = make_regularizer(stream)
         if done > 0:
             saved = load_state(self._stream_state_path(stream))

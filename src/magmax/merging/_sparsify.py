@@ -55,6 +55,19 @@ def kth_position(numel: int, k: float) -> int | None:
     return numel - int(numel * fraction)
 
 
+def population_position(numel: int, k: float, zeros: int = 0) -> int | None:
+    """:func:`kth_position` over ``numel`` entries plus ``zeros`` entries known to be 0 and not passed
+    (a frozen tower's τ), as a rank among the ``numel`` passed entries; None keeps them all.
+
+    The ``zeros`` extra entries are the smallest magnitudes of the population, so the rank-r entry of the
+    whole is the (r − zeros)-th of the passed ones; r <= zeros puts the threshold at 0, which keeps all.
+    """
+    position = kth_position(numel + zeros, k)
+    if position is None or position <= zeros:
+        return None
+    return position - zeros
+
+
 def topk_threshold(tau: Tensor, k: float) -> float | None:
     """The reference's per-row threshold applied to one whole tensor: kthvalue of |τ| at :func:`kth_position`."""
     position = kth_position(tau.numel(), k)
@@ -134,12 +147,13 @@ def kth_smallest_magnitude(tensors: MagnitudeStream, position: int) -> float:
     return select_from_histogram(tensors, high_histogram(tensors), position)
 
 
-def global_topk_threshold(tensors: MagnitudeStream, k: float) -> float | None:
-    """:func:`topk_threshold` of the concatenation of ``tensors``, without concatenating them."""
+def global_topk_threshold(tensors: MagnitudeStream, k: float, zeros: int = 0) -> float | None:
+    """:func:`topk_threshold` of the concatenation of ``tensors`` (and ``zeros`` zero entries not passed,
+    see :func:`population_position`), without concatenating them."""
     if keep_fraction(k) >= 1:
         return None
     hist = high_histogram(tensors)
-    position = kth_position(int(hist.sum()), k)
+    position = population_position(int(hist.sum()), k, zeros)
     if position is None:
         return None
     return select_from_histogram(tensors, hist, position)

@@ -32,7 +32,7 @@ import numpy as np
 from torch import Tensor
 
 from magmax.merging import _fused, _gpu, _native
-from magmax.merging._sparsify import global_topk_threshold, keep_fraction, kth_position
+from magmax.merging._sparsify import global_topk_threshold, keep_fraction, population_position
 from magmax.merging.base import TaskSlices
 
 SAMPLE = 1 << 19
@@ -74,11 +74,12 @@ class Thresholds:
     on the GPU when the GPU kernels took it)."""
 
 
-def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k: float) -> Thresholds:
-    """κ_t for t = 0..count−1 over the whole flattened task vectors, and the sample that bracketed them."""
+def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k: float, zeros: int = 0) -> Thresholds:
+    """κ_t for t = 0..count−1 over the whole flattened task vectors (plus ``zeros`` zero entries not
+    passed, see :func:`~magmax.merging._sparsify.population_position`), and the sample that bracketed them."""
     if keep_fraction(k) >= 1 or total_numel == 0:
         return Thresholds([None] * count)
-    position = kth_position(total_numel, k)
+    position = population_position(total_numel, k, zeros)
     if position is None:
         return Thresholds([None] * count)
     found: list[float | None] = [None] * count
@@ -93,7 +94,7 @@ def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k
             pass
         except Exception as exc:  # the native kernels are an optimisation: the radix select is exact too
             _native.disable(exc)
-    values = [value if value is not None else _radix(stream, t, k) for t, value in enumerate(found)]
+    values = [value if value is not None else _radix(stream, t, k, zeros) for t, value in enumerate(found)]
     return Thresholds(values, sample)
 
 
@@ -112,8 +113,8 @@ def _gpu_bracketed(stream: SlicesStream, position: int) -> tuple[list[float | No
         return None
 
 
-def _radix(stream: SlicesStream, t: int, k: float) -> float | None:
-    return global_topk_threshold(lambda: (slices[t] for _, slices in stream()), k)
+def _radix(stream: SlicesStream, t: int, k: float, zeros: int) -> float | None:
+    return global_topk_threshold(lambda: (slices[t] for _, slices in stream()), k, zeros)
 
 
 def sample_stride(total: int, count: int) -> int:

@@ -16,6 +16,10 @@ threshold is taken over:
   its zero entries fill the bottom of the ranking, and about 35% of the vision weights survive instead of
   20%. Reproducing the paper needs this mode. κ_t is found by an exact two-pass radix select over the
   task vector's tensors (``observe_task``), never by concatenating them, so it runs out of core.
+  magmax is handed only the trained tensors (the vision encoder), so ``zero_entries`` says how many
+  zero entries the reference's ranking held besides them (CLIP ViT-B/16: the text tower and
+  ``logit_scale``, 63.4M of the model's 149.6M): they are counted, never materialised. The continual
+  runner fills it from the backbone when a merge says ``population: whole_model``.
 * ``threshold="per_tensor"``: d and κ_t per tensor (every tensor keeps its own top-K).
 
 Streaming: the trim depends only on (τ_t, κ_t) and the elect/merge steps only on per-entry running sums
@@ -47,7 +51,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from magmax.merging import _fused, _gpu, _gpu_ties, _native
@@ -86,6 +90,18 @@ class TiesOptions(MethodOptions):
         "global",
         description="top-k over the whole flattened task vector (reference, paper) or per tensor",
     )
+    zero_entries: int = Field(
+        0,
+        ge=0,
+        description="global threshold: entries of every τ that are zero and not passed (a frozen tower), "
+        "counted in the ranking as the MagMax reference counts CLIP's text tower",
+    )
+
+    @model_validator(mode="after")
+    def _zeros_need_global(self) -> "TiesOptions":
+        if self.zero_entries and self.threshold != "global":
+            raise ValueError("zero_entries counts into the global ranking; it needs threshold=global")
+        return self
 
 
 def sampled_majority(sample: np.ndarray | Tensor, kappas: Sequence[float | None]) -> int:
@@ -132,10 +148,11 @@ class Ties(MergeMethod):
 
     # -- statistics ------------------------------------------------------------------------------------
     def observe_task(self, t: int, tensors: TensorStream) -> None:
-        self._thresholds[t] = global_topk_threshold(lambda: (tau for _, tau in tensors()), self.options.k)
+        self._thresholds[t] = global_topk_threshold(lambda: (tau for _, tau in tensors()), self.options.k,
+                                                    self.options.zero_entries)
 
     def observe_tasks(self, tensors: SlicesStream, count: int, total_numel: int) -> None:
-        thresholds = global_topk_thresholds(tensors, count, total_numel, self.options.k)
+        thresholds = global_topk_thresholds(tensors, count, total_numel, self.options.k, self.options.zero_entries)
         self._thresholds.update(enumerate(thresholds.values))
         self._guess = 1 if thresholds.sample is None else sampled_majority(thresholds.sample, thresholds.values)
 

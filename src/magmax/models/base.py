@@ -81,6 +81,12 @@ class Backbone(torch.nn.Module, abc.ABC):
             module.eval()
         return self
 
+    def reference_frozen_numel(self) -> int:
+        """Floating-point entries of the whole model's state dict that lie outside ``encoder`` (a frozen
+        text tower): their task vector is zero. The MagMax reference's TIES ranks the whole model, these
+        zeros included (protocol §7); 0 for backbones whose whole model is the encoder."""
+        return 0
+
     def seed_augmentation(self, seed: int) -> None:
         """Restart the training-crop RNG: the same seed gives the same crops for the same calls."""
         self.augmentation_generator.manual_seed(seed)

@@ -137,6 +137,12 @@ class CLIPBackbone(ImageBackbone):
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.transform = ImageTransform(size=cfg.image_size)
 
+    def reference_frozen_numel(self) -> int:
+        """The text tower, the text projection and ``logit_scale`` (one entry): CLIPModel's state dict
+        less the encoder, as the reference's open_clip model holds them (63,428,097 for ViT-B/16)."""
+        tower = sum(t.numel() for t in self.text_tower.state_dict().values() if t.is_floating_point())
+        return tower + 1
+
     @torch.no_grad()
     def encode_class_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(

@@ -72,6 +72,11 @@ class OpenCLIPBackbone(ImageBackbone):
         std = tuple(getattr(model.visual, "image_std", None) or CLIP_STD)
         self.transform = ImageTransform(size=cfg.image_size, mean=mean, std=std)
 
+    def reference_frozen_numel(self) -> int:
+        """Every floating-point entry of the open_clip model's state dict outside ``visual``."""
+        return sum(t.numel() for k, t in self.clip.state_dict().items()
+                   if t.is_floating_point() and not k.startswith("visual."))
+
     @torch.no_grad()
     def encode_class_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.clip.logit_scale.device)

@@ -15,12 +15,19 @@ EWC (Kirkpatrick et al., PNAS 2017), as the reference applies it:
 
     L = CE + λ/2 · Σ_i F_i (θ_i − θ_old,i)²,   λ = 1e6
 
-F is the diagonal empirical Fisher of the CE against the model's OWN predicted labels over the task's
-training set, F_new = (1/N) Σ_batches |batch|·g², combined across tasks as F ← ½F + ½F_new (starting
-from F = 0). θ_old = the weights after the previous task. One reference behaviour is deliberately
-NOT reproduced: its Fisher loop never zeroes gradients between batches (so each g² is the square of a
-running sum that even starts from the last training step's gradient); magmax computes the per-batch
-gradient, as EWC defines it, and divides by the number of samples seen.
+F is a diagonal Fisher of the CE against the model's OWN predicted labels over the task's training set,
+combined across tasks as F ← ½F + ½F_new (starting from F = 0); θ_old = the weights after the previous
+task. Two ways to compute F_new (``ewc.fisher``):
+
+* ``empirical`` (EWC as defined): F_new = (1/N) Σ_b |b|·g_b², g_b the gradient of batch b alone.
+* ``reference`` (the MagMax reference's ``compute_fisher_matrix_diag``, quirks kept; the paper presets):
+  gradients are never zeroed, so G_b = G_0 + Σ_{b' <= b} g_b' is a running sum that starts from G_0, the
+  last (clipped) gradient of training, and F_new = Σ_b |b|·G_b² / ((N // B + 1)·B), B the batch size.
+  λ = 1e6 was set against this Fisher, which is larger than the empirical one by orders of magnitude.
+
+The predicted labels (``ewc.fisher_targets``) are the argmax of the head logits (class-incremental
+reference), or of the raw image embedding taken as logits (the domain-incremental reference script
+computes the CE on the encoder's output directly).
 """
 
 from __future__ import annotations
@@ -112,7 +119,10 @@ class EWC(Regularizer):
     def after_task(self, ctx: StepContext) -> None:
         encoder = ctx.backbone.encoder
         self.old_params = {n: p.detach().clone() for n, p in encoder.named_parameters() if p.requires_grad}
-        new = fisher_diagonal(ctx, self.cfg.fisher_batches)
+        if self.cfg.fisher == "reference":
+            new = reference_fisher_diagonal(ctx, self.cfg.fisher_targets)
+        else:
+            new = fisher_diagonal(ctx, self.cfg.fisher_batches, self.cfg.fisher_targets)
         d = self.cfg.fisher_decay
         self.fisher = {n: d * self.fisher.get(n, torch.zeros_like(f)) + (1 - d) * f for n, f in new.items()}
 
@@ -134,7 +144,26 @@ def ewc_penalty(encoder: torch.nn.Module, fisher: dict[str, Tensor], old_params:
     return total if total is not None else torch.zeros(())
 
 
-def fisher_diagonal(ctx: StepContext, max_batches: int | None = None) -> dict[str, Tensor]:
+def _self_labelled_loss(ctx: StepContext, batch: Any, targets: str) -> Tensor:
+    """CE of the model's outputs against their own argmax: head logits, or the raw embedding as logits."""
+    backbone = ctx.backbone
+    with ctx.autocast():
+        if targets == "embedding":
+            outputs = backbone.embed(backbone.to_device(batch)).float()
+        else:
+            outputs = logits_of(backbone, backbone.features(batch), ctx.head)
+    return F.cross_entropy(outputs, outputs.argmax(dim=1))
+
+
+def _fisher_batches(ctx: StepContext, n_batches: int):
+    """Training batches of the task (training crops), in a seeded order of their own."""
+    backbone, task, cfg = ctx.backbone, ctx.task, ctx.cfg
+    generator = torch.Generator().manual_seed(task.index)
+    for idx in batch_indices(len(task.train), cfg.batch_size, n_batches, generator):
+        yield len(idx), to_device(backbone.prepare(take(task.train.items, idx), train=True), ctx.device)
+
+
+def fisher_diagonal(ctx: StepContext, max_batches: int | None = None, targets: str = "head") -> dict[str, Tensor]:
     """Empirical diagonal Fisher of CE against the model's own predictions over the task's training set."""
     backbone, task, cfg = ctx.backbone, ctx.task, ctx.cfg
     encoder = backbone.encoder
@@ -143,22 +172,40 @@ def fisher_diagonal(ctx: StepContext, max_batches: int | None = None) -> dict[st
     n_batches = -(-len(task.train) // cfg.batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    generator = torch.Generator().manual_seed(task.index)
     backbone.train()
     seen = 0
-    for idx in batch_indices(len(task.train), cfg.batch_size, n_batches, generator):
+    for size, batch in _fisher_batches(ctx, n_batches):
         encoder.zero_grad(set_to_none=True)
-        batch = to_device(backbone.prepare(take(task.train.items, idx), train=True), ctx.device)
-        with ctx.autocast():
-            logits = logits_of(backbone, backbone.features(batch), ctx.head)
-        F.cross_entropy(logits, logits.argmax(dim=1)).backward()
+        _self_labelled_loss(ctx, batch, targets).backward()
         for n, p in params.items():
             if p.grad is not None:
-                fisher[n] += p.grad.detach().pow(2) * len(idx)
-        seen += len(idx)
+                fisher[n] += p.grad.detach().pow(2) * size
+        seen += size
     encoder.zero_grad(set_to_none=True)
     backbone.eval()
     return {n: f / max(seen, 1) for n, f in fisher.items()}
+
+
+def reference_fisher_diagonal(ctx: StepContext, targets: str = "head") -> dict[str, Tensor]:
+    """The MagMax reference's Fisher loop (module docstring, ``reference``): ``.grad`` is never zeroed, so it
+    starts from the last training step's clipped gradient and accumulates; every batch adds |b|·G²."""
+    backbone, task, cfg = ctx.backbone, ctx.task, ctx.cfg
+    encoder = backbone.encoder
+    params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    # islice(loader, N // B + 1) over a loader of ceil(N / B) batches: every batch once.
+    named_batches = len(task.train) // cfg.batch_size + 1
+    n_batches = min(named_batches, -(-len(task.train) // cfg.batch_size))
+    backbone.train()
+    for size, batch in _fisher_batches(ctx, n_batches):
+        _self_labelled_loss(ctx, batch, targets).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach().pow(2) * size
+    encoder.zero_grad(set_to_none=True)
+    backbone.eval()
+    divisor = named_batches * cfg.batch_size
+    return {n: f / divisor for n, f in fisher.items()}
 
 
 def make_baseline_regularizer(stream: StreamConfig) -> Regularizer:
