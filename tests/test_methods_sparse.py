@@ -518,10 +518,12 @@ def test_dare_default_scales():
 # -- Breadcrumbs -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("native", ["1", "0"])  # the numba band (where it applies) and the torch kernel
 @pytest.mark.parametrize("ties", ["exact", "keep"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bottom,top", [(0.85, 0.007), (0.5, 0.1), (0.0, 0.2), (0.3, 0.0), (0.9, 0.05)])
-def test_breadcrumbs_matches_oracle_bit_for_bit(dtype, bottom, top, ties):
+def test_breadcrumbs_matches_oracle_bit_for_bit(dtype, bottom, top, ties, native, monkeypatch):
+    monkeypatch.setenv("MAGMAX_NATIVE", native)
     for dyadic in (False, True):  # dyadic data plants many ties at both bounds
         base, fts = make_models(seed=12, T=4, dtype=dtype, dyadic=dyadic)
         expected = oracle_breadcrumbs(base, fts, bottom, top, ties)
