@@ -152,7 +152,9 @@ def oracle_dare(base, fts, p, seed, combine="sum"):
     return unflatten(ref_disjoint_mean(M, ref_resolve_sign(M)), base, keys)
 
 
-def oracle_breadcrumbs(base, fts, bottom, top):
+def oracle_breadcrumbs(base, fts, bottom, top, ties="exact"):
+    """exact: a stable ascending sort of |τ| per tensor, keep ranks n_bot .. n − n_top − 1 (equal
+    magnitudes ordered by flat index). keep: every |τ| between the two bounds' values, inclusive."""
     keys = float_keys(base)
     out = {}
     for k in keys:
@@ -161,12 +163,17 @@ def oracle_breadcrumbs(base, fts, bottom, top):
             x = tau[k]
             n = x.numel()
             n_bot, n_top = int(bottom * n), int(top * n)
-            ranked = x.abs().reshape(-1).sort().values
-            keep = torch.ones_like(x, dtype=torch.bool)
-            if n_bot:
-                keep &= x.abs() >= ranked[n_bot]
-            if n_top:
-                keep &= x.abs() <= ranked[n - n_top - 1]
+            ranked = x.abs().reshape(-1).sort(stable=True)
+            if ties == "exact":
+                keep = torch.zeros(n, dtype=torch.bool)
+                keep[ranked.indices[n_bot : n - n_top]] = True
+                keep = keep.view(x.shape)
+            else:
+                keep = torch.ones_like(x, dtype=torch.bool)
+                if n_bot:
+                    keep &= x.abs() >= ranked.values[n_bot]
+                if n_top:
+                    keep &= x.abs() <= ranked.values[n - n_top - 1]
             sparse = x * keep
             acc = sparse if acc is None else acc + sparse
         out[k] = acc
@@ -511,22 +518,53 @@ def test_dare_default_scales():
 # -- Breadcrumbs -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("native", ["1", "0"])  # the numba band (where it applies) and the torch kernel
+@pytest.mark.parametrize("ties", ["exact", "keep"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bottom,top", [(0.85, 0.007), (0.5, 0.1), (0.0, 0.2), (0.3, 0.0), (0.9, 0.05)])
-def test_breadcrumbs_matches_oracle_bit_for_bit(dtype, bottom, top):
+def test_breadcrumbs_matches_oracle_bit_for_bit(dtype, bottom, top, ties, native, monkeypatch):
+    monkeypatch.setenv("MAGMAX_NATIVE", native)
     for dyadic in (False, True):  # dyadic data plants many ties at both bounds
         base, fts = make_models(seed=12, T=4, dtype=dtype, dyadic=dyadic)
-        expected = oracle_breadcrumbs(base, fts, bottom, top)
-        assert_same(merged_tau("breadcrumbs", base, fts, bottom=bottom, top=top), expected)
-        batch, inc = merge_both_ways("breadcrumbs", base, fts, bottom=bottom, top=top)
+        expected = oracle_breadcrumbs(base, fts, bottom, top, ties)
+        assert_same(merged_tau("breadcrumbs", base, fts, bottom=bottom, top=top, ties=ties), expected)
+        batch, inc = merge_both_ways("breadcrumbs", base, fts, bottom=bottom, top=top, ties=ties)
         assert_same(batch, inc)
 
 
-def test_breadcrumbs_keeps_ties_at_both_bounds():
-    # n = 10, bottom 0.2 -> n_bot = 2, lo = rank 3 = 1; top 0.1 -> n_top = 1, hi = rank 9 = 3.
-    tau = torch.tensor([0.5, -1.0, 1.0, 2.0, -3.0, 3.0, 3.0, 9.0, 0.0, 2.0])
-    got = merged_tau("breadcrumbs", {"w": torch.zeros(10)}, [{"w": tau}], bottom=0.2, top=0.1)["w"]
+TIED = torch.tensor([0.5, -1.0, 1.0, 2.0, -3.0, 3.0, 3.0, 9.0, 0.0, 2.0])
+# Stable ascending order by |τ| (index in brackets): 0(8) 0.5(0) 1(1) 1(2) 2(3) 2(9) 3(4) 3(5) 3(6) 9(7).
+
+
+def test_breadcrumbs_with_ties_keep_keeps_ties_at_both_bounds():
+    # n = 10, bottom 0.3 -> n_bot = 3, lo = rank 4 = 1; top 0.2 -> n_top = 2, hi = rank 8 = 3: 8 kept.
+    got = merged_tau("breadcrumbs", {"w": torch.zeros(10)}, [{"w": TIED}], bottom=0.3, top=0.2, ties="keep")["w"]
     assert torch.equal(got, torch.tensor([0.0, -1.0, 1.0, 2.0, -3.0, 3.0, 3.0, 0.0, 0.0, 2.0]))
+
+
+def test_breadcrumbs_masks_exact_counts_breaking_ties_by_index():
+    # Masked: the 3 first in the order above (indices 8, 0, 1: the 1 at index 2 ranks above the one at
+    # index 1) and the 2 last (indices 7, 6: of the three 3s, the highest index ranks highest). 5 kept.
+    got = merged_tau("breadcrumbs", {"w": torch.zeros(10)}, [{"w": TIED}], bottom=0.3, top=0.2)["w"]
+    assert torch.equal(got, torch.tensor([0.0, 0.0, 1.0, 2.0, -3.0, 3.0, 0.0, 0.0, 0.0, 2.0]))
+
+
+def test_breadcrumbs_keeps_exactly_the_papers_fraction_of_a_bf16_task_vector():
+    """bfloat16 fine-tuning deltas take few distinct values: most magnitudes are tied. At the defaults
+    (β = 0.85, γ = 0.993) exactly n − int(0.85·n) − int(0.007·n) entries survive per tensor, ≈ 14.3%."""
+    gen = torch.Generator().manual_seed(21)
+    base = {"w": torch.randn(96, 80, generator=gen).bfloat16(), "b": torch.randn(300, generator=gen).bfloat16()}
+    ft = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).bfloat16() for k, v in base.items()}
+    tau = task_vectors(base, [ft])[0]
+    assert tau["w"].abs().unique().numel() < tau["w"].numel() / 20  # heavily tied
+    got = merged_tau("breadcrumbs", base, [ft])
+    for key, value in got.items():
+        n = value.numel()
+        kept = int((value != 0).sum())
+        assert kept == n - int(0.85 * n) - int(0.007 * n), key
+        assert torch.equal(value[value != 0], tau[key][value != 0])
+    loose = merged_tau("breadcrumbs", base, [ft], ties="keep")["w"]
+    assert int((loose != 0).sum()) > int((got["w"] != 0).sum())  # the inclusive band keeps the edge ties too
 
 
 @FAST

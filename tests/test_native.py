@@ -546,7 +546,8 @@ def test_breadcrumbs_bounds_are_exact_when_a_bracket_fails(failure, monkeypatch)
     else:
         monkeypatch.setattr(_threshold, "gather_capacity", lambda *args: 40)
     method = magmax.create_method("breadcrumbs", bottom=0.6, top=0.05)
-    low, high = method.bounds(None, taus)
+    low, high, exact = method.bounds(None, taus)
+    assert exact.all()  # continuous magnitudes: no tie at a bound
     for t, tau in enumerate(taus):
         n = tau.numel()
         assert low[t] == float(torch.kthvalue(tau.abs(), int(0.6 * n) + 1).values)
@@ -603,3 +604,74 @@ def test_out_of_core_merges_hold_at_most_a_group_of_raw_tensors(method):
     MergeRun(create_method(method), _FromDisk(base, "base"),
              [_CountingDisk(ft, f"ft{i}") for i, ft in enumerate(fts)]).run(DictWriter())
     assert 0 < _CountingDisk.most <= _fused.GROUP
+
+
+def _stable_sort_breadcrumbs(base, fts, bottom, top):
+    """τ* by the authors' rule, plainly: per tensor and task, a stable ascending sort of |τ| (equal
+    magnitudes by flat index) and ranks int(bottom·n) .. n − int(top·n) − 1 kept; summed in task order."""
+    out = {}
+    for key, value in base.items():
+        if not value.is_floating_point():
+            continue
+        total = None
+        for ft in fts:
+            tau = (ft[key].float() - value.float()).reshape(-1)
+            n = tau.numel()
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[tau.abs().sort(stable=True).indices[int(bottom * n) : n - int(top * n)]] = True
+            kept = torch.where(keep, tau, 0.0)
+            total = kept if total is None else total + kept
+        out[key] = total.view(value.shape)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bottom", "top"), [(0.85, 0.007), (0.5, 0.1)])
+def test_native_breadcrumbs_exact_counts_match_a_stable_sort_oracle(dtype, bottom, top, monkeypatch):
+    """Ties straddling a band edge (quantised deltas: 7 distinct values) send the tensor to the torch
+    kernel; continuous float32 deltas keep the native band. The bits of the plain oracle
+    either way, and exactly n − int(bottom·n) − int(top·n) entries kept per task."""
+    shapes = {"tied": (3, 70_001), "tied_small": (40, 30), "plain": (2, 50_001), "plain_small": (33, 17)}
+    base = make_state_dict(61, shapes, dtype=dtype, buffers=False)
+    tied = make_finetuned({k: v for k, v in base.items() if k.startswith("tied")}, 3, seed=62, quantum=0.0625)
+    plain = make_finetuned({k: v for k, v in base.items() if k.startswith("plain")}, 3, seed=63, std=1.0)
+    fts = [{**a, **b} for a, b in zip(tied, plain)]
+    banded: list[int] = []
+    original = _native.band_sum_group
+    monkeypatch.setattr(_native, "band_sum_group", lambda s, *a, **k: banded.append(s.numel()) or original(s, *a, **k))
+    merger = magmax.Merger("breadcrumbs", base, bottom=bottom, top=top)
+    for ft in fts:
+        merger.add(ft)
+    got = merger.task_vector()
+    assert_state_dicts_bitwise_equal(got, _stable_sort_breadcrumbs(base, fts, bottom, top))
+    assert 140_003 not in banded and 1_200 not in banded  # the tied tensors went to the torch kernel
+    if dtype == torch.float32:  # continuous float32 deltas: no tie at a band edge, the native band
+        assert 100_002 in banded and 561 in banded
+    for key, value in base.items():
+        n = value.numel()
+        one = magmax.Merger("breadcrumbs", base, bottom=bottom, top=top)
+        one.add(fts[0])
+        assert int((one.task_vector()[key] != 0).sum()) == n - int(bottom * n) - int(top * n), key
+
+
+@pytest.mark.parametrize("failure", [None, "bracket misses", "gather overflows"])
+def test_tensor_magnitude_ranks_counts_below_and_at_most_each_value(failure, monkeypatch):
+    """The counts that decide whether a tie straddles a band edge: from the counting pass's bracket, or
+    from every magnitude where the bracket failed; numpy's counts on heavily tied magnitudes either way."""
+    from magmax.merging import _threshold
+
+    if failure == "bracket misses":
+        monkeypatch.setattr(_threshold, "bracket_ranks", lambda taken, total, position: (0, 1))
+    elif failure == "gather overflows":
+        monkeypatch.setattr(_threshold, "gather_capacity", lambda *args: 40)
+    gen = torch.Generator().manual_seed(64)
+    taus = [torch.randint(-9, 10, (100_003,), generator=gen).float() / 8 for _ in range(3)]
+    positions = [1, 60_002, 99_000, 100_003]
+    values, below, at_most = _threshold.tensor_magnitude_ranks(None, taus, positions)
+    for j, tau in enumerate(taus):
+        magnitude = tau.abs()
+        for r, position in enumerate(positions):
+            v = torch.kthvalue(magnitude, position).values
+            assert values[j, r] == float(v)
+            assert below[j, r] == int((magnitude < v).sum()) and at_most[j, r] == int((magnitude <= v).sum())
+            assert below[j, r] < position <= at_most[j, r]

@@ -269,31 +269,45 @@ SMALL_TENSOR = 1 << 15
 """Tensors of at most this many entries are selected from directly (``np.partition`` of every |τ|)."""
 
 
-def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions: list[int]) -> np.ndarray:
+def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor],
+                           positions: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each input j (τ_j = float32(x_j) − float32(θ0), flat, n entries each) and each 1-based ascending
-    rank in ``positions``, the exact magnitude of that rank among |τ_j|: ``torch.kthvalue``'s
-    value. Returns float32 values of shape (inputs, ranks).
+    rank in ``positions``, the exact magnitude v of that rank among |τ_j| (``torch.kthvalue``'s value), and
+    how many |τ_j| lie below v and how many at most v (they differ from position − 1 and position where
+    magnitudes equal to v straddle the rank). Returns float32 values and two int64 counts, each of shape
+    (inputs, ranks).
 
     The steps of the global thresholds, per tensor: a sample brackets each rank, one counting pass per
     input (:func:`magmax.merging._native.count_and_gather`, every rank in the same read) counts the
-    magnitudes below each bracket and gathers those inside, ``np.partition`` picks the exact value. A rank
-    its bracket missed is selected from every |τ_j|: exact either way, the sample only decides the speed.
-    Native kernels only (float32 / bfloat16 inputs on the CPU).
+    magnitudes below each bracket and gathers those inside, ``np.partition`` picks the exact value, and the
+    two counts are the count below the bracket plus the gathered values below (at most) v: no second pass.
+    A rank its bracket missed is selected, and counted, from every |τ_j|: exact either way, the sample only
+    decides the speed. Native kernels only (float32 / bfloat16 inputs on the CPU).
     """
     count, ranks = len(inputs), len(positions)
     n = inputs[0].numel()
     out = np.empty((count, ranks), dtype=np.float32)
+    below = np.empty((count, ranks), dtype=np.int64)
+    at_most = np.empty((count, ranks), dtype=np.int64)
     if not ranks:
-        return out
+        return out, below, at_most
 
     def magnitudes(j: int) -> np.ndarray:
         tau = inputs[j].float() if base is None else inputs[j].float() - base.float()
         return tau.abs().numpy()
 
+    def from_all(j: int, r: int, everything: np.ndarray) -> None:
+        out[j, r] = np.partition(everything, positions[r] - 1)[positions[r] - 1]
+        below[j, r] = np.count_nonzero(everything < out[j, r])
+        at_most[j, r] = np.count_nonzero(everything <= out[j, r])
+
     if n <= SMALL_TENSOR:
         for j in range(count):
-            out[j] = order_statistics(magnitudes(j), [p - 1 for p in positions])
-        return out
+            everything = magnitudes(j)
+            out[j] = order_statistics(everything, [p - 1 for p in positions])
+            below[j] = [np.count_nonzero(everything < v) for v in out[j]]
+            at_most[j] = [np.count_nonzero(everything <= v) for v in out[j]]
+        return out, below, at_most
     stride = max(1, n // TENSOR_SAMPLE)
     sample = np.empty((count, n // stride + 2), dtype=np.float32)
     taken = _native.sample_entries(base, inputs, 0, stride, sample, 0)
@@ -306,8 +320,13 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor], positions:
             for r, position in enumerate(positions):
                 value = brackets.rank(j, r, position)
                 if value is None:  # the bracket missed (or overflowed): select from every magnitude
-                    value = np.partition(magnitudes(j), position - 1)[position - 1]
+                    from_all(j, r, magnitudes(j))
+                    continue
+                # Every |τ_j| <= value is below the bracket or gathered in it (value lies inside it).
+                inside = brackets.gathered[j, r, :int(brackets.filled[j, r])]
                 out[j, r] = value
+                below[j, r] = int(brackets.below[j, r]) + np.count_nonzero(inside < value)
+                at_most[j, r] = int(brackets.below[j, r]) + np.count_nonzero(inside <= value)
 
     _native.per_task_blocks(count, select)
-    return out
+    return out, below, at_most
