@@ -37,6 +37,7 @@ import pickle
 import re
 import shutil
 import socket
+import stat
 import struct
 import uuid
 import zipfile
@@ -838,7 +839,10 @@ def copy_model_files(source: Path, target: Path) -> list[Path]:
         return shutil.copy2(src, dst)
 
     try:
+        mode = stat.S_IMODE(target.stat().st_mode)
         shutil.copytree(source, target, ignore=ignore, copy_function=copy, dirs_exist_ok=True)
+        # copytree gives target the source folder's mode; it keeps its own (made under the umask).
+        os.chmod(target, mode)
     except (OSError, shutil.Error) as exc:
         raise MergeInputError(f"cannot copy the model files of {source} ({exc}); check that folder") from None
     return copied

@@ -115,16 +115,16 @@ class CheckpointMerge:
             self.base = self._open(config.base)
             finetuned = [self._open(path) for path in config.models]
             self.engine = MergeRun(method, self.base, finetuned, device=device, out_dtype=config.torch_dtype)
-        except BaseException:
-            self._stack.close()
+        except BaseException as exc:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
     def _open(self, path: Path) -> CheckpointReader:
         return self._stack.enter_context(open_checkpoint(path))
 
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)  # the exception too: the SIGTERM guard acts on it
 
     @property
     def tensor_count(self) -> int:

@@ -145,8 +145,8 @@ def _describe(error: Mapping[str, Any], source: str) -> str:
         )
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(where, list(MergeConfig.model_fields), n=1)
-        guess = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{source}: unknown key '{where}'{guess} (the keys are: {', '.join(MergeConfig.model_fields)})"
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: unknown key '{where}'{guess}; the keys are: {', '.join(MergeConfig.model_fields)}"
     message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
     return f"{source}: '{where}': {message} (got {error.get('input')!r})"
 
