@@ -750,6 +750,9 @@ class AtomicOutput:
     ``.safetensors``, the single file ``model.safetensors`` in it) to OUT; leaving the ``with`` block
     without committing removes it. An existing OUT is an error unless ``force``, and then replaced only
     at commit. OUT may not be, or contain, one of ``inputs``.
+
+    The folder's name records its owner (``.OUT.<pid>@<host>.<hex>.partial``): opening OUT again removes
+    the folders of this host's merges of OUT whose process is gone (killed by SIGKILL), never a live one's.
     """
 
     def __init__(self, out: Path | str, *, force: bool = False, inputs: Sequence[Path | str] = ()):

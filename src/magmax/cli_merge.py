@@ -95,7 +95,8 @@ class CheckpointMerge:
     """One configured merge of checkpoint files: opens everything on ``with``, :meth:`run` writes OUT.
 
     Leaving the ``with`` block closes the readers and, unless :meth:`run` finished, removes every
-    partial output (nothing appears at OUT).
+    partial output (nothing appears at OUT); SIGTERM inside the block does the same before the process
+    ends (:func:`magmax.termination.sigterm_unwinds`).
     """
 
     def __init__(self, config: MergeConfig):
@@ -169,8 +170,9 @@ class CheckpointMerge:
         try:
             # Reads reuse the buffers of tensors the merge is done with: at most a group of inputs, θ0
             # and a little slack are alive at once (fresh pages cost as much as the reads themselves).
+            checked = FiniteOutputWriter(writer, self.engine.float_keys, self.engine.method.scale)
             with recycled_read_buffers(largest, _fused.GROUP + 2):
-                stats = self.engine.run(FiniteOutputWriter(writer, self.engine.float_keys, self.engine.method.scale), progress)
+                stats = self.engine.run(checked, progress)
             writer.close()
         finally:
             writer.abort()

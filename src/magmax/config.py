@@ -177,7 +177,8 @@ def _keys_beside(loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        models = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+        fields = [model.model_fields[part] for model in models if part in model.model_fields]
+        models = [m for field in fields for m in _models_in(field.annotation)]
     return [name for model in models for name in model.model_fields]
 
 

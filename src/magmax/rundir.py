@@ -45,8 +45,8 @@ def read_json(path: Path) -> Any:
 
 # What a run writes in its directory (see the layout above), and its write probe.
 _RUN_ENTRIES = frozenset(
-    {"config.yaml", "status.json", "provenance.json", "log.txt", "state", "results.json", "results.csv", "checkpoints",
-     ".write-test"}
+    {"config.yaml", "status.json", "provenance.json", "log.txt", "state", "results.json", "results.csv", "results.md",
+     "accuracy.png", "checkpoints", ".write-test"}
 )
 
 
