@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -290,6 +293,35 @@ def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
         open_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_index_shards_outside_the_model_folder_are_refused(tmp_path, where):
+    """A weight_map naming a file outside its folder (``../``, an absolute path) is never read, even
+    when that file is a valid shard."""
+    model = tmp_path / "hub" / "model"
+    model.mkdir(parents=True)
+    st.save_file({"a": torch.ones(3)}, model / "model-00001-of-00002.safetensors")
+    st.save_file({"b": torch.full((3,), 7.0)}, tmp_path / "elsewhere.safetensors")
+    outside = "../../elsewhere.safetensors" if where == "parent" else str(tmp_path / "elsewhere.safetensors")
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": outside}}))
+    with pytest.raises(MergeInputError) as info:
+        open_checkpoint(model)
+    assert str(info.value) == (
+        f"{index}: weight_map entry 'b' → '{outside}' points outside the model folder; "
+        "shards must be files in that folder (fix the index or re-download the model)"
+    )
+
+
+def test_index_shards_in_a_subfolder_are_read(tmp_path):
+    (tmp_path / "shards").mkdir()
+    st.save_file({"a": torch.ones(3)}, tmp_path / "shards" / "one.safetensors")
+    st.save_file({"b": torch.full((3,), 7.0)}, tmp_path / "shards" / "two.safetensors")
+    weight_map = {"a": "shards/one.safetensors", "b": "./shards/two.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_checkpoint(tmp_path) as reader:
+        assert_same({k: reader.get(k) for k in reader.keys()}, {"a": torch.ones(3), "b": torch.full((3,), 7.0)})
+
+
 def test_find_weights_prefers_safetensors_and_refuses_ambiguity(tmp_path):
     st.save_file({"a": torch.ones(1)}, tmp_path / "model.safetensors")
     torch.save({"a": torch.ones(1)}, tmp_path / "pytorch_model.bin")
@@ -440,6 +472,48 @@ def test_atomic_single_file(tmp_path):
         output.commit()
     assert out.read_bytes() == b"abc"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_output_folder_mode_follows_the_umask(tmp_path, umask):
+    """As ``mkdir`` makes it (0777 & ~umask), not a private temporary folder's 0700."""
+    previous = os.umask(umask)
+    try:
+        with AtomicOutput(tmp_path / "merged") as output:
+            (output.folder / "model.safetensors").write_bytes(b"x")
+            output.commit()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o777 & ~umask
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    return child.pid
+
+
+def test_stale_partial_folders_of_dead_merges_are_removed(tmp_path):
+    """A merge killed by SIGKILL leaves its work folder; the next merge of the same output removes it,
+    and only it: a live process's folder (a concurrent merge), another host's, another output's stay."""
+    from magmax.checkpoints import _HOST
+
+    dead, alive = _dead_pid(), os.getppid()
+    names = {
+        "stale": f".merged.{dead}@{_HOST}.0123abcd.partial",
+        "concurrent": f".merged.{alive}@{_HOST}.4567abcd.partial",
+        "other host": f".merged.{dead}@{_HOST}x.89abcdef.partial",
+        "other output": f".merged2.{dead}@{_HOST}.01234567.partial",
+        "not ours": ".merged.k3j_x9.partial",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"part")
+    with AtomicOutput(tmp_path / "merged") as output:
+        assert output.folder.name.startswith(f".merged.{os.getpid()}@{_HOST}.")
+        output.commit()
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted(["merged", *(names[k] for k in ("concurrent", "other host", "other output", "not ours"))])
 
 
 def test_output_may_not_be_or_contain_an_input(tmp_path):

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +244,107 @@ def test_force_replaces_an_existing_output(cli, tmp_path, models):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_checkpoints_merge_in_float32(cli, tmp_path, dtype):
+    """τ of float8 weights is formed in float32 like any other dtype; θ is written back in the base's
+    float8 dtype, or in --dtype."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(9, 4, generator=g).to(dtype), "b": torch.randn(5, generator=g).to(dtype),
+            "steps": torch.tensor(3)}
+    fts = [{k: (v.float() + 0.25 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v
+            for k, v in base.items()} for _ in range(2)]
+    paths = [save(state, tmp_path / "in" / f"{name}.safetensors", "safetensors")
+             for name, state in (("base", base), ("ft1", fts[0]), ("ft2", fts[1]))]
+    for out_dtype, flag in ((dtype, []), (torch.float32, ["--dtype", "float32"])):
+        out = tmp_path / f"out-{out_dtype}.safetensors".replace("torch.", "")
+        code, _, stderr = cli("--method", "task_arithmetic", "--scale", "0.5", "--base", paths[0], *paths[1:],
+                              "-o", out, *flag)
+        assert code == 0, stderr
+        got = load_output(out)
+        for key in ("w", "b"):
+            theta0 = base[key].float()
+            tau = sum(ft[key].float() - theta0 for ft in fts)
+            assert got[key].dtype == out_dtype
+            assert torch.equal(got[key].float(), torch.add(theta0, tau, alpha=0.5).to(out_dtype).float()), key
+        assert torch.equal(got["steps"], base["steps"])
+    fts[1]["w"][2, 1] = float("nan")  # checked like any input: upcast, as torch cannot sum float8
+    save(fts[1], paths[2], "safetensors")
+    code, _, stderr = cli("--base", paths[0], *paths[1:], "-o", tmp_path / "nan")
+    assert code == 2 and re.search(r"ft2\.safetensors: tensor 'w' contains 1 NaN/Inf value\(s\)", stderr), stderr
+
+
+def test_merged_folder_mode_follows_the_umask(cli, tmp_path, models):
+    _, _, (base_path, *ft_paths) = models
+    for umask in (0o022, 0o027):
+        previous = os.umask(umask)
+        try:
+            out = tmp_path / f"out-{umask:o}"
+            assert cli("--base", base_path, *ft_paths, "-o", out)[0] == 0
+        finally:
+            os.umask(previous)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+        assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+# -- killed merges leave nothing behind ----------------------------------------------------------------
+
+# The merge command in a child whose writer sleeps before each tensor, so it is surely mid-write when
+# signalled (200 tensors: 10 s in all, far longer than the tests wait).
+_SLOW_MERGE = (
+    "import sys, time\n"
+    "import magmax.checkpoints as c\n"
+    "write = c.ShardedSafetensorsWriter.write\n"
+    "c.ShardedSafetensorsWriter.write = lambda self, key, tensor: (time.sleep(0.05), write(self, key, tensor))[1]\n"
+    "from magmax.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _partials(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".partial"))
+
+
+def _kill_mid_write(tmp_path: Path, sig: signal.Signals) -> tuple[subprocess.Popen, list[Path], Path]:
+    state = {f"layer{i}.weight": torch.full((4,), float(i)) for i in range(200)}
+    paths = [save(s, tmp_path / "in" / f"{name}.safetensors", "safetensors")
+             for name, s in (("base", state), ("ft1", {k: v + 1 for k, v in state.items()}))]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MERGE, "merge", "--base", str(paths[0]), str(paths[1]),
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        # Mid-write: the work folder holds the shard being written.
+        while not any((p / "model.safetensors").exists() for p in _partials(tmp_path)):
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the merge never started writing"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, paths, out
+
+
+def test_sigterm_mid_write_removes_the_partial_output(tmp_path):
+    proc, _, out = _kill_mid_write(tmp_path, signal.SIGTERM)
+    assert proc.returncode == -signal.SIGTERM  # still ends as terminated by SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], _partials(tmp_path)
+    assert not out.exists()
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_merge_of_that_output(cli, tmp_path):
+    proc, paths, out = _kill_mid_write(tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = _partials(tmp_path)
+    assert f".{proc.pid}@" in left.name  # its owner, dead now
+    code, _, stderr = cli("--method", "average", "--base", paths[0], paths[1], "-o", out)
+    assert code == 0, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    assert_bit_equal(load_output(out), magmax.merge("average", st.load_file(paths[0]), [st.load_file(paths[1])]))
+
+
 # -- a real transformers model -----------------------------------------------------------------------
 
 
@@ -323,6 +429,20 @@ def _bad_inputs(tmp_path: Path, case: str) -> tuple[list[object], str]:
     elif case == "scale twice":
         extra = ["--scale", "0.3", "--option", "scale=0.4"]
         want = r"scale given twice"
+    elif case in ("scale nan", "scale inf"):
+        extra = ["--scale", case.split()[1]]
+        want = r"'scale': Input should be a finite number"
+    elif case == "option scale nan":
+        extra = ["--option", "scale=.nan"]
+        want = r"merge method 'magmax': option 'scale': Input should be a finite number"
+    elif case == "float16 overflow":
+        # λ·τ ≈ 1e6 × 0.1 on the float16 emb.weight: beyond float16's 65504 (the other tensors hold it)
+        extra = ["--method", "task_arithmetic", "--scale", "1e6"]
+        want = (r"merged tensor 'emb\.weight' has \d+ NaN/Inf value\(s\) in torch\.float16: θ0 \+ λ·τ\* overflows "
+                r"\(λ=1e\+06\); choose a smaller --scale or --dtype float32$")
+    elif case == "--dtype float16 overflow":  # float32 inputs, which hold the sum; their float16 output cannot
+        extra = ["--method", "task_arithmetic", "--scale", "1e6", "--dtype", "float16"]
+        want = r"merged tensor 'enc\.bias' has \d+ NaN/Inf value\(s\) in torch\.float16: .*--dtype float32$"
     elif case == "bad dtype":
         extra = ["--dtype", "float8"]
         want = r"'dtype': Input should be 'float32', 'bfloat16' or 'float16'"
@@ -387,6 +507,11 @@ BAD_CASES = [
     "bad option value",
     "option without value",
     "scale twice",
+    "scale nan",
+    "scale inf",
+    "option scale nan",
+    "float16 overflow",
+    "--dtype float16 overflow",
     "bad dtype",
     "bad shard size",
     "cuda missing",
@@ -437,6 +562,19 @@ def test_yaml_errors_name_the_file_and_key(cli, tmp_path, models):
     config.write_text("base: [unclosed\n")
     code, _, stderr = cli(config)
     assert code == 2 and f"{config}: invalid YAML at line" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "merge.yaml"]
+
+
+@pytest.mark.parametrize("typo, meant", [("modles", "models"), ("outptu", "output"), ("bsae", "base")])
+def test_yaml_typo_of_a_required_key_is_named_with_the_key_meant(cli, tmp_path, models, typo, meant):
+    _, _, (base_path, *ft_paths) = models
+    config = {"base": str(base_path), "models": [str(p) for p in ft_paths], "output": str(tmp_path / "o")}
+    config[typo] = config.pop(meant)
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, _, stderr = cli(path)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"{path}: unknown key '{typo}' (did you mean '{meant}'?); the keys are: method, base, models" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "merge.yaml"]
 
 

@@ -209,6 +209,11 @@ def test_nan_loss_stops_with_task_and_step_and_keeps_last_good_state(image_root,
         (lambda c: c["scenario"].update(n_tasks=7), "7 tasks"),
         (lambda c: c["data"].update(root="/nonexistent/folder"), "/nonexistent/folder"),
         (lambda c: c["merges"].append({"method": "magmax", "options": {"bogus": 1}}), "bogus"),
+        # a misspelt required key: named as unknown, with the key meant (not reported as missing)
+        (lambda c: c.update(bakcbone=c.pop("backbone")), "'bakcbone': unknown key (did you mean 'backbone'?)"),
+        (lambda c: c["data"].update(nmae=c["data"].pop("name")), "'data.nmae': unknown key (did you mean 'name'?)"),
+        (lambda c: c["streams"][0].update(nam=c["streams"][0].pop("name")),
+         "'streams.0.nam': unknown key (did you mean 'name'?)"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(image_root, tmp_path, capsys, mutate, message):
@@ -263,6 +268,31 @@ def test_existing_run_directory_needs_resume(image_root, tmp_path, capsys):
     path = _write_yaml(tmp_path / "cfg.yaml", raw_config(image_root))
     assert cli_main(["run", str(path), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_run_that_failed_in_set_up_starts_again_in_its_directory(image_root, tmp_path, capsys, resume):
+    """A run with nothing to resume (set-up failed, or killed before the first resume point) is no dead
+    end: a plain rerun, or --resume, starts it again in the same directory and says so."""
+    small = {"lr": 1e-3, "batch_size": 8, "warmup_steps": 1, "steps": 2, "eval_batch_size": 32}
+    cfg = raw_config(image_root, streams=[{"name": "seq"}], merges=[{"method": "average"}], zero_shot=False,
+                     train=small, scenario={"kind": "class_incremental", "n_tasks": 2, "class_order": "natural"})
+    out = tmp_path / "out"
+    broken = _write_yaml(tmp_path / "broken.yaml", {**cfg, "data": {"name": "imagefolder", "root": str(tmp_path / "none")}})
+    assert cli_main(["run", str(broken), "--out", str(out)]) == 2
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+    assert not (out / "state" / "progress.json").exists()
+    capsys.readouterr()
+    path = _write_yaml(tmp_path / "cfg.yaml", cfg)
+    assert cli_main(["run", str(path), "--out", str(out), *(["--resume"] if resume else [])]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"'{out}' holds a run that stopped before its first resume point" in err and "starting it again" in err
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["models"]["seq:average"]["rows"]) == 2
+    # A run with state keeps needing --resume.
+    assert cli_main(["run", str(path), "--out", str(out)]) == 2
+    assert "already holds a run; pass --resume" in " ".join(capsys.readouterr().err.split())
 
 
 def test_grad_accumulation_and_worker_threads_give_the_same_update(image_root, tmp_path):

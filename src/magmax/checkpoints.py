@@ -34,15 +34,17 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
+import socket
+import stat
 import struct
-import tempfile
 import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import TracebackType
 from typing import Any
 
@@ -364,6 +366,15 @@ def _open_file(path: Path, name: str) -> CheckpointReader:
     )
 
 
+def _escapes_folder(file_name: str) -> bool:
+    """Whether a shard name of an index leaves its folder: absolute, or going up with ``..``.
+
+    Judged on the name alone, not the resolved path: a Hugging Face cache folder holds symlinks to blobs
+    elsewhere, which are the folder's own files."""
+    name = PurePosixPath(file_name.replace("\\", "/"))
+    return name.is_absolute() or ".." in name.parts or PureWindowsPath(file_name).drive != ""
+
+
 class ShardedReader(CheckpointReader):
     """Shards listed by a Hugging Face ``*.index.json`` (``{"weight_map": {key: shard file}}``)."""
 
@@ -384,6 +395,12 @@ class ShardedReader(CheckpointReader):
         self._shards: dict[str, CheckpointReader] = {}
         self._where: dict[str, CheckpointReader] = {}
         try:
+            for key, file_name in weight_map.items():
+                if _escapes_folder(file_name):
+                    raise MergeInputError(
+                        f"{self.path}: weight_map entry '{key}' → '{file_name}' points outside the model folder; "
+                        "shards must be files in that folder (fix the index or re-download the model)"
+                    )
             for file_name in sorted(set(weight_map.values())):
                 shard_path = self.path.parent / file_name
                 if not shard_path.is_file():
@@ -673,6 +690,58 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _partial_pattern(out: Path) -> re.Pattern[str]:
+    """The hidden work folders of OUT: ``.OUT.<pid>@<host>.<hex>.partial`` (the owner in the name, so a
+    later run can tell a folder left by a killed merge from one a running merge writes)."""
+    return re.compile(re.escape(f".{out.name}.") + r"(\d+)@([A-Za-z0-9._-]+)\.[0-9a-f]{8}\.partial")
+
+
+def _make_partial_folder(out: Path) -> Path:
+    # os.mkdir, not tempfile.mkdtemp: mkdtemp makes 0700 folders, and this one becomes OUT, whose mode
+    # must follow the umask as any folder made by mkdir does (others may need to read the model).
+    while True:
+        folder = out.parent / f".{out.name}.{os.getpid()}@{_HOST}.{uuid.uuid4().hex[:8]}.partial"
+        try:
+            os.mkdir(folder, 0o777)
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process, alive
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove OUT's work folders whose merge was killed (SIGKILL, power loss): those of this host whose
+    process is gone. A folder of a live process (a concurrent merge) or of another host is kept."""
+    pattern = _partial_pattern(out)
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or match.group(2) != _HOST or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 class AtomicOutput:
     """OUT appears complete or not at all.
 
@@ -681,6 +750,9 @@ class AtomicOutput:
     ``.safetensors``, the single file ``model.safetensors`` in it) to OUT; leaving the ``with`` block
     without committing removes it. An existing OUT is an error unless ``force``, and then replaced only
     at commit. OUT may not be, or contain, one of ``inputs``.
+
+    The folder's name records its owner (``.OUT.<pid>@<host>.<hex>.partial``): opening OUT again removes
+    the folders of this host's merges of OUT whose process is gone (killed by SIGKILL), never a live one's.
     """
 
     def __init__(self, out: Path | str, *, force: bool = False, inputs: Sequence[Path | str] = ()):
@@ -703,7 +775,8 @@ class AtomicOutput:
             parent = self.out.parent.absolute()
             self._made = [p for p in (*reversed(parent.parents), parent) if not p.exists()]
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+            remove_stale_partials(self.out)
+            self.folder = _make_partial_folder(self.out)
         except OSError as exc:
             raise MergeInputError(
                 f"cannot create the output next to {self.out} ({exc.strerror}); choose a writable location"
@@ -769,7 +842,10 @@ def copy_model_files(source: Path, target: Path) -> list[Path]:
         return shutil.copy2(src, dst)
 
     try:
+        mode = stat.S_IMODE(target.stat().st_mode)
         shutil.copytree(source, target, ignore=ignore, copy_function=copy, dirs_exist_ok=True)
+        # copytree gives target the source folder's mode; it keeps its own (made under the umask).
+        os.chmod(target, mode)
     except (OSError, shutil.Error) as exc:
         raise MergeInputError(f"cannot copy the model files of {source} ({exc}); check that folder") from None
     return copied

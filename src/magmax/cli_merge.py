@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,11 +34,13 @@ from magmax.checkpoints import (
     tensor_nbytes,
 )
 from magmax.cli import app
-from magmax.engine import MergeRun, MergeStats, TensorMeta
-from magmax.errors import ConfigError
+from magmax.engine import MergeRun, MergeStats, TensorMeta, TensorWriter
+from magmax.errors import ConfigError, MergeInputError
 from magmax.memory import format_bytes, peak_rss_bytes, return_large_buffers_to_the_os
 from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
 from magmax.merging import _fused
+from magmax.taskvector import check_finite
+from magmax.termination import sigterm_unwinds
 
 ProgressCallback = Callable[[str, int], None]
 
@@ -58,11 +60,43 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class FiniteOutputWriter:
+    """Refuses a merged tensor holding NaN/Inf before it is written (the inputs were checked finite, so
+    θ0 + λ·τ* overflowed: a huge λ, or the output dtype's range, e.g. float16's 65504)."""
+
+    def __init__(self, writer: TensorWriter, merged_keys: Iterable[str], scale: float):
+        self.writer = writer
+        self.merged_keys = set(merged_keys)
+        self.scale = scale
+
+    def _check(self, key: str, tensor: torch.Tensor) -> None:
+        if key not in self.merged_keys:
+            return
+        try:
+            check_finite(key, tensor, "merged")
+        except MergeInputError:
+            bad = int((~torch.isfinite(tensor.float())).sum())
+            wider = "" if tensor.dtype in (torch.float32, torch.float64) else " or --dtype float32"
+            raise MergeInputError(
+                f"merged tensor '{key}' has {bad} NaN/Inf value(s) in {tensor.dtype}: θ0 + λ·τ* overflows "
+                f"(λ={self.scale:g}); choose a smaller --scale{wider}"
+            ) from None
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._check(key, tensor)
+        self.writer.write(key, tensor)
+
+    def replace(self, key: str, tensor: torch.Tensor) -> None:
+        self._check(key, tensor)
+        self.writer.replace(key, tensor)
+
+
 class CheckpointMerge:
     """One configured merge of checkpoint files: opens everything on ``with``, :meth:`run` writes OUT.
 
     Leaving the ``with`` block closes the readers and, unless :meth:`run` finished, removes every
-    partial output (nothing appears at OUT).
+    partial output (nothing appears at OUT); SIGTERM inside the block does the same before the process
+    ends (:func:`magmax.termination.sigterm_unwinds`).
     """
 
     def __init__(self, config: MergeConfig):
@@ -74,22 +108,24 @@ class CheckpointMerge:
         try:
             method = config.create_method()
             device = resolve_device(config.device)
+            # Entered first, so left last: a SIGTERM unwinds through the removal of the partial output.
+            self._stack.enter_context(sigterm_unwinds())
             self.output = self._stack.enter_context(
                 AtomicOutput(config.output, force=config.force, inputs=[config.base, *config.models])
             )
             self.base = self._open(config.base)
             finetuned = [self._open(path) for path in config.models]
             self.engine = MergeRun(method, self.base, finetuned, device=device, out_dtype=config.torch_dtype)
-        except BaseException:
-            self._stack.close()
+        except BaseException as exc:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
     def _open(self, path: Path) -> CheckpointReader:
         return self._stack.enter_context(open_checkpoint(path))
 
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)  # the exception too: the SIGTERM guard acts on it
 
     @property
     def tensor_count(self) -> int:
@@ -134,8 +170,9 @@ class CheckpointMerge:
         try:
             # Reads reuse the buffers of tensors the merge is done with: at most a group of inputs, θ0
             # and a little slack are alive at once (fresh pages cost as much as the reads themselves).
+            checked = FiniteOutputWriter(writer, self.engine.float_keys, self.engine.method.scale)
             with recycled_read_buffers(largest, _fused.GROUP + 2):
-                stats = self.engine.run(writer, progress)
+                stats = self.engine.run(checked, progress)
             writer.close()
         finally:
             writer.abort()

@@ -7,7 +7,9 @@ types are one-line :class:`~magmax.errors.ConfigError` messages naming the dotte
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,12 +192,33 @@ class RunConfig(StrictModel):
 # -- loading ---------------------------------------------------------------------------------------
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``X``, ``X | None``, ``list[X]``, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_beside(loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the section that holds the key at ``loc`` (list indices skipped)."""
+    models: list[type[BaseModel]] = [RunConfig]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = [model.model_fields[part] for model in models if part in model.model_fields]
+        models = [m for field in fields for m in _models_in(field.annotation)]
+    return [name for model in models for name in model.model_fields]
+
+
 def _format_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # An unknown key first: a misspelt required key is reported as missing too, which hides the typo.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _keys_beside(tuple(err["loc"])), n=1)
+        msg = f"unknown key (did you mean '{close[0]}'?)" if close else "unknown key"
     elif err["type"] == "missing":
         msg = "required key is missing"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""

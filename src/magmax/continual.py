@@ -183,10 +183,12 @@ class ContinualRun:
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.dir.create(self.resume)
+        restart = self.dir.create(self.resume)
         self.log = self.dir.logger()
+        if restart is not None:
+            self._phase(restart)
         resolved = self.cfg.model_dump(mode="json")
-        if self.resume:
+        if self.resume and restart is None:
             self.progress = read_json(self.dir.state / "progress.json")
             if self.progress["config"] != resolved:
                 raise ConfigError(f"--resume: the config differs from the one '{self.dir.path}' was started with; resume with the same config")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,7 +85,9 @@ class MergeConfig(BaseModel):
         description="output folder (sharded safetensors + index; an HF base's config and tokenizer files are copied), "
         "or a file ending in .safetensors"
     )
-    scale: float | None = Field(None, description="λ in θ = θ0 + λ·τ* (default: the method's own)")
+    scale: float | None = Field(
+        None, allow_inf_nan=False, description="λ in θ = θ0 + λ·τ* (default: the method's own); a finite number"
+    )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where to compute: cpu, cuda or cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the merged floating-point tensors (default: each base tensor's)"
@@ -141,7 +144,9 @@ def _describe(error: Mapping[str, Any], source: str) -> str:
             f"{source}: '{where}' is required ({CLI_FLAGS.get(field, field)} on the command line, `{field}:` in YAML)"
         )
     if error["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{where}'; the keys are: {', '.join(MergeConfig.model_fields)}"
+        close = difflib.get_close_matches(where, list(MergeConfig.model_fields), n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: unknown key '{where}'{guess}; the keys are: {', '.join(MergeConfig.model_fields)}"
     message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
     return f"{source}: '{where}': {message} (got {error.get('input')!r})"
 
@@ -151,7 +156,10 @@ def build_merge_config(values: Mapping[str, Any], source: str = "magmax merge") 
     try:
         return MergeConfig.model_validate(dict(values))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors(include_url=False)[0], source)) from None
+        errors = exc.errors(include_url=False)
+        # An unknown key first: a misspelt required key is reported as missing too, which hides the typo.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise ConfigError(_describe(first, source)) from None
 
 
 def read_merge_yaml(path: Path) -> dict[str, Any]:

@@ -43,6 +43,13 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+# What a run writes in its directory (see the layout above), and its write probe.
+_RUN_ENTRIES = frozenset(
+    {"config.yaml", "status.json", "provenance.json", "log.txt", "state", "results.json", "results.csv", "results.md",
+     "accuracy.png", "checkpoints", ".write-test"}
+)
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -55,13 +62,30 @@ class RunDir:
         f = self.path / "status.json"
         return read_json(f)["status"] if f.exists() else None
 
-    def create(self, resume: bool) -> None:
-        """Make the folder (or reopen it for --resume); refuse to overwrite another run."""
-        if self.path.exists() and not resume and any(self.path.iterdir()):
+    def _holds_only_an_unstarted_run(self) -> bool:
+        """A run directory with nothing to resume: only this layout's files, and no state/progress.json
+        (set-up failed, or the run was killed before its first resume point)."""
+        if not self.path.is_dir() or (self.state / "progress.json").exists():
+            return False
+        entries = [entry.name for entry in self.path.iterdir()]
+        return bool(entries) and all(name in _RUN_ENTRIES or name.endswith(".tmp") for name in entries)
+
+    def create(self, resume: bool) -> str | None:
+        """Make the folder (or reopen it for --resume); refuse to overwrite another run.
+
+        A run that stopped before leaving anything to resume starts again in its folder, with or without
+        --resume: the line returned says so (``None`` otherwise)."""
+        restart = None
+        if self._holds_only_an_unstarted_run():
+            restart = (
+                f"'{self.path}' holds a run that stopped before its first resume point "
+                "(no state/progress.json): starting it again there"
+            )
+        elif self.path.exists() and not resume and any(self.path.iterdir()):
             raise ConfigError(
                 f"output folder '{self.path}' already holds a run; pass --resume to continue it or choose another --out"
             )
-        if resume and not (self.state / "progress.json").exists():
+        elif resume and not (self.state / "progress.json").exists():
             raise ConfigError(f"--resume: '{self.path}' has no resumable state (state/progress.json); start a new run")
         try:
             self.state.mkdir(parents=True, exist_ok=True)
@@ -70,6 +94,7 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"cannot write the run directory '{self.path}' ({exc.strerror}); choose a writable --out") from None
+        return restart
 
     def set_status(self, status: str, **extra: Any) -> None:
         write_json(self.path / "status.json", {"status": status, **extra})

@@ -126,6 +126,8 @@ def check_finite(key: str, tensor: Tensor, source: str) -> None:
     # sum is one vectorised pass, while isfinite() is not vectorised on CPU (about 17x slower).
     if not tensor.dtype.is_floating_point:
         return
+    if tensor.dtype.itemsize == 1:  # float8: torch has neither sum nor isfinite for it; check it upcast
+        tensor = tensor.to(COMPUTE_DTYPE)
     half = tensor.dtype in (torch.float16, torch.bfloat16)  # sum in float32: fp16 sums overflow at 65504
     if bool(torch.isfinite(tensor.sum(dtype=torch.float32) if half else tensor.sum())):
         return

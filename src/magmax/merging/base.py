@@ -26,10 +26,13 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from magmax.errors import ConfigError
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # λ is applied in float32
 
 TensorStream = Callable[[], Iterator[tuple[str, Tensor]]]
 
@@ -39,8 +42,9 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scale: float | None = None
-    """λ in θ = θ0 + λ·τ*; ``None`` means the method's default (see ``default_scale``)."""
+    scale: float | None = Field(None, allow_inf_nan=False, ge=-_FLOAT32_MAX, le=_FLOAT32_MAX)
+    """λ in θ = θ0 + λ·τ*; ``None`` means the method's default (see ``default_scale``). NaN, ±inf and
+    values float32 cannot hold are refused: every merged weight would be NaN or infinite."""
 
 
 class TaskSlices(Sequence[Tensor]):
