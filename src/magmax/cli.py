@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import typer
-from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from magmax.console import make_console, print_error
+from magmax.console import make_console, print_error, print_line
 from magmax.errors import MagmaxError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual learning by model merging.")
@@ -37,7 +36,7 @@ def list_methods() -> None:
         for name, summary, scale, opts, streaming, reference in methods:
             console.print(Text.assemble((name, "bold"), f"  (default λ {scale}, streaming: {streaming})"), highlight=False)
             for line in (summary, f"options: {opts}", f"reference: {reference}"):
-                console.print(Padding(Text(line), (0, 0, 0, 4)), highlight=False)
+                print_line(console, "    " + line, indent=2)
         return
     table = Table(title="merging methods", show_lines=True)
     for col in ("method", "what it does", "default λ", "options", "streaming", "reference"):
