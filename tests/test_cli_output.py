@@ -129,3 +129,36 @@ def test_results_files_table_and_plot_share_labels_and_round(tmp_path, monkeypat
     text = console.export_text()
     assert all(label.split()[0] in text for label in expected) and max(map(len, text.splitlines())) <= 60
     assert "12.35" in text and "42.30" in text
+
+
+def test_long_progress_lines_wrap_with_an_indent_and_keep_the_eta_whole():
+    from magmax.console import wrap_line
+
+    line = "  eval MagMax on Seq-FT τ: all 49.30 | per task " + " ".join(["55.0"] * 20) + " | elapsed 3m07s, ETA run 14m05s"
+    pieces = wrap_line(line, 60)
+    assert max(map(len, pieces)) <= 60 and len(pieces) > 1
+    assert pieces[0].startswith("  eval MagMax") and all(p.startswith(" " * 10) for p in pieces[1:])
+    assert pieces[-1].strip() == "elapsed 3m07s, ETA run 14m05s"  # the timing is never split
+    assert " ".join(p.strip() for p in pieces) == line.strip()  # nothing lost, nothing added
+    assert wrap_line("short | line", 80) == ["short | line"]
+
+
+def test_results_table_fits_80_columns_and_a_narrow_console_gets_lines():
+    from rich.console import Console
+
+    from magmax.report import RESULTS_TABLE_MIN_WIDTH, results_lines, results_table
+
+    metrics = {"final_accuracy": 33.333, "average_incremental_accuracy": 61.111, "forgetting": -0.5, "backward_transfer": -37.5}
+    models = {
+        f"seq:{m}": {"kind": "merge", "stream": "seq", "protocol": "Seq-FT", "method": m, "scale": 0.55,
+                     "rows": [[1.0]], "metrics": metrics}
+        for m in ("average", "magmax", "ties")
+    }
+    results = {"name": "t", "tasks": [{}], "models": models}
+    console = Console(width=80, record=True)
+    console.print(results_table(results))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    assert "│ Average on Seq-FT τ │ 0.55 │ 33.33 │      61.11 │      -0.50 │ -37.50 │" in text
+    assert RESULTS_TABLE_MIN_WIDTH <= 80
+    assert results_lines(results)[1] == "Average on Seq-FT τ (λ 0.55): final 33.33, avg. incr. 61.11, forgetting -0.50, BWT -37.50"

@@ -61,7 +61,7 @@ def default_out(cfg: RunConfig) -> Path:
 def execute(cfg: RunConfig, out: Path, resume: bool, again: str, progress_interval: float = 30.0) -> dict:
     """Run ``cfg`` into ``out`` with progress lines; ``again`` is the command that resumes it (for the hint)."""
     from magmax.continual import ContinualRun, RunInterrupted
-    from magmax.report import results_table
+    from magmax.report import RESULTS_TABLE_MIN_WIDTH, results_lines, results_table
 
     console = make_console(stderr=True)
     columns = [
@@ -85,7 +85,12 @@ def execute(cfg: RunConfig, out: Path, resume: bool, again: str, progress_interv
             print_error(console, f"run interrupted ({'SIGTERM' if sigterm else 'Ctrl-C'}); '{out}' keeps the state "
                         f"after the last completed task; continue with: {again} --out {out} --resume")
             raise typer.Exit(143 if sigterm else 130) from None
-    make_console().print(results_table(results))
+    stdout = make_console()
+    if stdout.width >= RESULTS_TABLE_MIN_WIDTH:
+        stdout.print(results_table(results))
+    else:
+        for line in results_lines(results):
+            print_line(stdout, line, indent=4)
     print_line(console, f"run directory: {out}  ({results['seconds']:.0f} s)")
     return results
 

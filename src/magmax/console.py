@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 
 from rich.console import Console
@@ -32,13 +33,29 @@ def print_error(console: Console, message: str) -> None:
     console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
-def print_line(console: Console, text: str, style: str = "", indent: int = 8) -> None:
-    """A progress line as text; a line longer than the console continues on indented lines, at spaces."""
+NBSP = "\u00a0"
+SEPARATORS = re.compile(r"( \| |; )")
+
+
+def wrap_line(text: str, width: int, indent: int = 8) -> list[str]:
+    """``text`` in lines of at most ``width``, continued with a hanging indent.
+
+    Lines break between the `` | `` / ``; `` separated parts of a progress line first: a part that fits
+    on a continuation line (``elapsed 3m07s, ETA run 14m05s``) is kept whole; a longer one (many tasks'
+    accuracies) breaks at its spaces.
+    """
     lead = len(text) - len(text.lstrip(" "))
+    room = width - lead - indent
+    parts = SEPARATORS.split(text.strip(" "))
+    glued = "".join(p.replace(" ", NBSP) if not SEPARATORS.fullmatch(p) and len(p) <= room else p for p in parts)
     pieces = textwrap.wrap(
-        text, width=console.width, subsequent_indent=" " * (lead + indent),
-        break_long_words=False, break_on_hyphens=False, drop_whitespace=True,
+        glued, width=width, initial_indent=" " * lead, subsequent_indent=" " * (lead + indent),
+        break_long_words=False, break_on_hyphens=False,
     ) or [text]
-    pieces[0] = " " * lead + pieces[0].lstrip(" ")
-    for piece in pieces:
+    return [p.replace(NBSP, " ") for p in pieces]
+
+
+def print_line(console: Console, text: str, style: str = "", indent: int = 8) -> None:
+    """A progress line as text (never markup), wrapped to the console's width by :func:`wrap_line`."""
+    for piece in wrap_line(text, console.width, indent):
         console.print(Text(piece, style=style), highlight=False, soft_wrap=True)

@@ -131,11 +131,11 @@ def results_table(results: dict[str, Any], title: str | None = None) -> Table:
     """The results as a rich table: numbers never wrap, the model label folds when the width is short."""
     headline = results.get("headline", "task-agnostic accuracy on the whole test set")
     table = Table(title=title or f"{results['name']}: accuracy (%), {headline}")
-    for col in ("model", "λ", "final acc.", "avg. incr. acc.", "forgetting", "BWT"):
-        if col == "model":
-            table.add_column(col, justify="left", overflow="fold", min_width=12)
-        else:
-            table.add_column(col, justify="right", no_wrap=True)
+    # Two-line headers keep the number columns narrow (≈ 46 columns with the borders), so labels of up
+    # to ~30 characters fit 80 columns; numbers never wrap, a longer label folds within its column.
+    table.add_column("model", justify="left", overflow="fold")
+    for col in ("λ", "final\nacc.", "avg. incr.\nacc.", "forgetting", "BWT"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows(results):
         table.add_row(
             escape(r["label"]),
@@ -146,6 +146,23 @@ def results_table(results: dict[str, Any], title: str | None = None) -> Table:
             _fmt(r["backward_transfer"]),
         )
     return table
+
+
+RESULTS_TABLE_MIN_WIDTH = 70
+"""Narrower than this, the table would squeeze the labels to nothing: :func:`results_lines` instead."""
+
+
+def results_lines(results: dict[str, Any]) -> list[str]:
+    """The results as one line per model, for consoles too narrow for the table."""
+    headline = results.get("headline", "task-agnostic accuracy on the whole test set")
+    lines = [f"{results['name']}: accuracy (%), {headline}"]
+    for r in rows(results):
+        scale = "" if r["scale"] is None else f" (λ {r['scale']:g})"
+        lines.append(
+            f"{r['label']}{scale}: final {_fmt(r['final_accuracy'])}, avg. incr. {_fmt(r['average_incremental_accuracy'])}, "
+            f"forgetting {_fmt(r['forgetting'])}, BWT {_fmt(r['backward_transfer'])}"
+        )
+    return lines
 
 
 def markdown_table(results: dict[str, Any]) -> str:
