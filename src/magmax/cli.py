@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from magmax.console import make_console, print_error, print_line
 from magmax.errors import MagmaxError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual learning by model merging.")
-err_console = Console(stderr=True)
+
+LIST_METHODS_TABLE_WIDTH = 150
+"""Below this many columns the methods table would fold every cell: list them one block per method instead."""
 
 
 @app.callback()
@@ -22,24 +25,26 @@ def list_methods() -> None:
     """Print every merging method with its options, default λ and reference."""
     from magmax.merging import registry
 
+    methods = []
+    for name, cls in registry().items():
+        opts = [f"{field}={info.default!r}" for field, info in cls.Options.model_fields.items() if field != "scale"]
+        scale = f"{cls(cls.Options()).scale:g}"
+        streaming = "fold" if cls.foldable else "per tensor"
+        methods.append((name, cls.summary, scale, ", ".join(opts) or "-", streaming, cls.reference))
+    console = make_console()
+    if console.width < LIST_METHODS_TABLE_WIDTH:
+        for name, summary, scale, opts, streaming, reference in methods:
+            console.print(Text.assemble((name, "bold"), f"  (default λ {scale}, streaming: {streaming})"), highlight=False)
+            for line in (summary, f"options: {opts}", f"reference: {reference}"):
+                print_line(console, "    " + line, indent=2)
+        return
     table = Table(title="merging methods", show_lines=True)
     for col in ("method", "what it does", "default λ", "options", "streaming", "reference"):
-        table.add_column(col)
-    for name, cls in registry().items():
-        opts = []
-        for field, info in cls.Options.model_fields.items():
-            if field == "scale":
-                continue
-            opts.append(f"{field}={info.default!r}")
-        table.add_row(
-            name,
-            cls.summary,
-            f"{cls(cls.Options()).scale:g}",
-            ", ".join(opts) or "-",
-            "fold" if cls.foldable else "per tensor",
-            cls.reference,
-        )
-    Console(width=200).print(table)
+        no_wrap = col in ("method", "default λ", "streaming")
+        table.add_column(col, no_wrap=no_wrap, overflow="fold")
+    for row in methods:
+        table.add_row(*(Text(cell) for cell in row))
+    console.print(table)
 
 
 def _register_subcommands() -> None:
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="magmax")
     except MagmaxError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(make_console(stderr=True), str(exc))
         return exc.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

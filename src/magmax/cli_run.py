@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -14,88 +13,107 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from magmax.cli import app
 from magmax.config import RunConfig, load_config
+from magmax.console import make_console, print_error, print_line
+from magmax.presets import demo_config_path
 
-console = Console(stderr=True)
 
+class LineHooks:
+    """Progress as lines (task headings, evaluations, periodic training lines, each with an ETA for the
+    run), in terminals and logs alike; on a terminal also a live bar for the task being trained."""
 
-class RichHooks:
-    """Progress bars: one per task (steps, loss, lr, ETA); evaluation results as log lines."""
-
-    def __init__(self, progress: Progress):
+    def __init__(self, console: Console, progress: Progress | None):
+        self.console = console
         self.progress = progress
         self.bar: int | None = None
 
     def on_phase(self, text: str) -> None:
-        self.progress.console.print(f"[bold]{escape(text)}[/]")
+        print_line(self.console, text, style="bold")
+
+    def on_line(self, text: str) -> None:
+        print_line(self.console, text)
 
     def on_task_start(self, stream: str, task, index: int) -> None:
+        if self.progress is None:
+            return
         if self.bar is not None:
             self.progress.remove_task(self.bar)
-        self.bar = self.progress.add_task(f"{stream} task {index + 1}", total=None, loss=float("nan"), lr=0.0)
+        self.bar = self.progress.add_task(escape(f"{stream} task {index + 1}"), total=None, loss=float("nan"), lr=0.0)
 
     def on_step(self, info) -> None:
-        if self.bar is not None:
+        if self.progress is not None and self.bar is not None:
             self.progress.update(self.bar, total=info.total, completed=info.step + 1, loss=info.loss, lr=info.lr)
 
-    def on_eval(self, name: str, result) -> None:
-        per_task = " ".join(f"{a:5.1f}" for a in result.per_task)
-        self.progress.console.print(f"  eval {name:<22} all {result.overall:6.2f}  per task [{per_task}]")
+    def hooks(self):
+        from magmax.continual import ProgressHooks
+
+        return ProgressHooks(on_phase=self.on_phase, on_task_start=self.on_task_start, on_step=self.on_step, on_line=self.on_line)
+
+
+def with_keep_state(cfg: RunConfig, keep_state: bool) -> RunConfig:
+    """--keep-state turns the config's keep_state on (it never turns a config's ``keep_state: true`` off)."""
+    return cfg.model_copy(update={"keep_state": True}) if keep_state else cfg
 
 
 def default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def execute(cfg: RunConfig, out: Path, resume: bool) -> dict:
-    from magmax.continual import ContinualRun, ProgressHooks
-    from magmax.report import results_table
+def execute(cfg: RunConfig, out: Path, resume: bool, again: str, progress_interval: float = 30.0) -> dict:
+    """Run ``cfg`` into ``out`` with progress lines; ``again`` is the command that resumes it (for the hint)."""
+    from magmax.continual import ContinualRun, RunInterrupted
+    from magmax.report import RESULTS_TABLE_MIN_WIDTH, results_lines, results_table
 
+    console = make_console(stderr=True)
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
+        TextColumn("ETA task"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as progress:
-        hooks = RichHooks(progress)
-        run = ContinualRun(
-            cfg, out, resume=resume,
-            hooks=ProgressHooks(hooks.on_phase, hooks.on_task_start, hooks.on_step, hooks.on_eval),
-        )
-        results = run.run()
-    Console().print(results_table(results))
-    console.print(f"run directory: {out}  ({results['seconds']:.0f} s)")
+    # Off a terminal a live bar prints nothing useful: the lines alone carry the progress there.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        hooks = LineHooks(console, progress if console.is_terminal else None)
+        run = ContinualRun(cfg, out, resume=resume, hooks=hooks.hooks(), progress_interval=progress_interval)
+        try:
+            results = run.run()
+        except KeyboardInterrupt as exc:
+            sigterm = isinstance(exc, RunInterrupted)
+            progress.stop()
+            print_error(console, f"run interrupted ({'SIGTERM' if sigterm else 'Ctrl-C'}); '{out}' keeps the state "
+                        f"after the last completed task; continue with: {again} --out {out} --resume")
+            raise typer.Exit(143 if sigterm else 130) from None
+    stdout = make_console()
+    if stdout.width >= RESULTS_TABLE_MIN_WIDTH:
+        stdout.print(results_table(results))
+    else:
+        for line in results_lines(results):
+            print_line(stdout, line, indent=4)
+    print_line(console, f"run directory: {out}  ({results['seconds']:.0f} s)")
     return results
 
 
 @app.command("run")
 def run_command(
-    config: Path = typer.Argument(..., help="YAML run config (see configs/)"),
+    config: Path = typer.Argument(..., help="YAML run config (see configs/paper/, or `magmax demo`)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: --set train.steps=100 (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/NAME-TIMESTAMP)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out after its last completed task"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved plan and exit"),
+    keep_state: bool = typer.Option(False, "--keep-state", help="keep the resume state DIR/state/ when the run completes"),
 ) -> None:
     """Run a continual-learning experiment: fine-tune through the task stream, merge after every task, evaluate."""
-    cfg = load_config(config, set_ or [])
+    cfg = with_keep_state(load_config(config, set_ or []), keep_state)
     if dry_run:
         from magmax.plan import print_plan
 
-        print_plan(cfg, Console())
+        print_plan(cfg, make_console())
         return
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR (the run to continue)")
-    execute(cfg, out or default_out(cfg), resume)
-
-
-DEMOS = {"text": "demo_text.yaml", "image": "demo_image.yaml"}
-
-
-def demo_config_path(kind: str) -> Path:
-    return Path(str(resources.files("magmax.presets") / DEMOS[kind]))
+    execute(cfg, out or default_out(cfg), resume, again=f"magmax run {config}")
 
 
 @app.command("demo")
@@ -104,7 +122,8 @@ def demo_command(
     image: bool = typer.Option(False, "--image", help="the image stream (EfficientNet-Lite0 on Fashion-MNIST) instead of text"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted demo in --out"),
+    keep_state: bool = typer.Option(False, "--keep-state", help="keep the resume state DIR/state/ when the run completes"),
 ) -> None:
     """The embedded demo: a real pre-trained model on real data shipped by registry packages, no download."""
-    cfg = load_config(demo_config_path("image" if image else "text"), set_ or [])
-    execute(cfg, out or default_out(cfg), resume)
+    cfg = with_keep_state(load_config(demo_config_path("image" if image else "text"), set_ or []), keep_state)
+    execute(cfg, out or default_out(cfg), resume, again="magmax demo" + (" --image" if image else ""))

@@ -159,6 +159,7 @@ class RunConfig(StrictModel):
     zero_shot: bool = Field(True, description="evaluate the pre-trained model θ0 once")
     joint: bool = Field(False, description="also train one model on all tasks' data at once (upper bound)")
     save_checkpoints: bool = Field(False, description="write θ_t and merged models as safetensors")
+    keep_state: bool = Field(False, description="keep the resume state DIR/state/ when the run completes (default: removed)")
 
     @model_validator(mode="after")
     def _names_unique(self) -> "RunConfig":
@@ -222,7 +223,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
     elif err["type"] == "missing":
         msg = "required key is missing"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{source}: config key '{key}': {msg}{more}; see `magmax run --help` and configs/ for valid keys"
+    return f"{source}: config key '{key}': {msg}{more}; see `magmax run --help` and configs/paper/ for valid keys"
 
 
 def parse_value(text: str) -> Any:
@@ -262,7 +263,12 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found; pass a YAML file such as configs/demo_text.yaml")
+        from magmax.presets import demo_config_path
+
+        raise ConfigError(
+            f"config file '{path}' not found; pass a YAML run config, e.g. configs/paper/cifar100-10.yaml "
+            f"of the magmax repository or the demo's {demo_config_path('text')} (run it with `magmax demo`)"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

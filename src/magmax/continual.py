@@ -10,13 +10,22 @@ For every stream (Seq-FT starts each task from θ_{t−1}, Ind-FT from θ0; LwF 
 Memory holds θ0, θ_t and the merge states, whatever the number of tasks. After every task the state
 needed to continue (θ_t, merger and regulariser states, results so far) is written atomically under
 ``DIR/state``; ``resume=True`` continues after the last completed task and, on CPU, ends with exactly
-the numbers of an uninterrupted run (every random draw of task t derives from (seed, stream, t)).
+the numbers of an uninterrupted run (every random draw of task t derives from (seed, stream, t)). A run
+that completes removes ``DIR/state`` (the size of a few models) unless ``keep_state`` is set.
+
+Progress is plain lines (front ends print them, ``DIR/log.txt`` keeps them): one per task and per
+evaluation, and one at least every ``progress_interval`` seconds while training, each with the time
+elapsed and an ETA for the whole run (:class:`magmax.progress.RunClock`).
 """
 
 from __future__ import annotations
 
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +38,16 @@ from magmax.api import Merger
 from magmax.merging import create_method
 from magmax.config import MergeConfig, RunConfig, StreamConfig
 from magmax.data import load_dataset
-from magmax.errors import ConfigError
+from magmax.errors import ConfigError, MagmaxError
 from magmax.evaluation import EvalResult, EvalSet, evaluate
 from magmax.metrics import summarize
 from magmax.models.base import Backbone, build_backbone
+from magmax.progress import RunClock
+from magmax.report import model_label, protocol_names
 from magmax.rundir import RunDir, provenance, read_json, write_json
 from magmax.scenarios import Task, class_incremental, class_order, domain_incremental
 from magmax.state_io import load_state, save_state
+from magmax.training.batches import steps_per_task
 from magmax.training.loop import StepInfo, finetune
 from magmax.training.regularizers import Regularizer
 
@@ -117,26 +129,114 @@ def make_regularizer(stream: StreamConfig) -> Regularizer | None:
 
 @dataclass
 class ProgressHooks:
-    """Callbacks for a front end (progress bars); all optional."""
+    """Callbacks for a front end; all optional.
+
+    ``on_phase`` gets the headings (set-up, each task) and ``on_line`` every other progress line
+    (evaluations, periodic training lines); both are plain text, also written to ``DIR/log.txt``.
+    """
 
     on_phase: Callable[[str], None] | None = None
     on_task_start: Callable[[str, Task, int], None] | None = None
     on_step: Callable[[StepInfo], None] | None = None
     on_eval: Callable[[str, EvalResult], None] | None = None
+    on_line: Callable[[str], None] | None = None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM arrived: raised in the main thread so the run records it as it records Ctrl-C."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`RunInterrupted` (main thread only: elsewhere signals are not ours)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise RunInterrupted("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys that must match for --resume (keep_state only says what to do at the end)."""
+    return {k: v for k, v in config.items() if k != "keep_state"}
 
 
 class ContinualRun:
-    def __init__(self, cfg: RunConfig, out: str | Path, *, resume: bool = False, hooks: ProgressHooks | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        hooks: ProgressHooks | None = None,
+        progress_interval: float = 30.0,
+    ):
         self.cfg = cfg
         self.dir = RunDir(out)
         self.resume = resume
         self.hooks = hooks or ProgressHooks()
+        self.progress_interval = progress_interval
+        self.clock: RunClock | None = None
+        self._where = ""
+        self._last_line = time.monotonic()
 
-    # -- set-up -----------------------------------------------------------------------------------
+    # -- progress lines -----------------------------------------------------------------------------
+    def _timing(self) -> str:
+        return self.clock.summary() if self.clock is not None else "ETA run ?"
+
     def _phase(self, text: str) -> None:
         self.log.info(text)
+        self._last_line = time.monotonic()
         if self.hooks.on_phase:
             self.hooks.on_phase(text)
+
+    def _line(self, text: str) -> None:
+        self.log.info(text)
+        self._last_line = time.monotonic()
+        if self.hooks.on_line:
+            self.hooks.on_line(text)
+
+    def step_hook(self, info: StepInfo) -> None:
+        """Called after every training step (tasks and joint): the clock, periodic lines, the front end's hook."""
+        if self.clock is not None:
+            self.clock.step()
+        if time.monotonic() - self._last_line >= self.progress_interval:
+            self._line(f"{self._where} step {info.step + 1}/{info.total} loss {info.loss:.4f} lr {info.lr:.2e}, {self._timing()}")
+        if self.hooks.on_step:
+            self.hooks.on_step(info)
+
+    def _training(self, where: str) -> None:
+        self._where = where
+        if self.clock is not None:
+            self.clock.start_training()
+
+    def _planned_work(self) -> tuple[int, int]:
+        """(training steps, evaluations) this process still has to do."""
+        cfg = self.cfg
+        steps = evals = 0
+        if cfg.zero_shot and self.progress["zero_shot"] is None:
+            evals += 1
+        for stream in cfg.streams:
+            done = self.progress["streams"].get(stream.name, {}).get("completed", 0)
+            per_task_evals = int(stream.evaluate_finetuned) + len(cfg.merges_for(stream))
+            for t in range(done, len(self.tasks)):
+                tc = self.train_config(t)
+                steps += steps_per_task(len(self.tasks[t].train), tc.batch_size, tc.epochs, tc.steps)
+                evals += per_task_evals
+        if cfg.joint and self.progress["joint"] is None:
+            n = sum(len(t.train) for t in self.tasks)
+            steps += steps_per_task(n, cfg.train.batch_size, cfg.train.epochs, cfg.train.steps)
+            evals += 1
+        return steps, evals
+
+    # -- set-up -----------------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -167,9 +267,23 @@ class ContinualRun:
     def encoder_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.backbone.encoder.state_dict().items()}
 
-    def eval_current(self, name: str) -> EvalResult:
+    def label(self, name: str, after_task: int | None = None) -> str:
+        """The model's display label (the one the results table, files and plot use)."""
+        stream, _, what = name.partition(":")
+        merge = next((m for m in self.cfg.merges if m.name == what), None) if what else None
+        entry = {
+            "kind": name if not what else ("finetune" if merge is None else "merge"),
+            "protocol": self.protocols.get(stream, stream),
+            "method": None if merge is None else merge.method,
+        }
+        return model_label(name, entry, len(self.tasks), after_task)
+
+    def eval_current(self, name: str, after_task: int | None = None) -> EvalResult:
         res = evaluate(self.backbone, self.evalset, self.head_all, self.class_ids, self.cfg.train.eval_batch_size, self.device, self.cfg.train.precision)
-        self.log.info(f"eval {name}: overall {res.overall:.2f} per task {[round(a, 2) for a in res.per_task]}")
+        if self.clock is not None:
+            self.clock.evaluated()
+        per_task = " ".join(f"{a:.1f}" for a in res.per_task)
+        self._line(f"  eval {self.label(name, after_task)}: all {res.overall:.2f} | per task {per_task} | {self._timing()}")
         if self.hooks.on_eval:
             self.hooks.on_eval(name, res)
         return res
@@ -190,18 +304,36 @@ class ContinualRun:
         resolved = self.cfg.model_dump(mode="json")
         if self.resume and restart is None:
             self.progress = read_json(self.dir.state / "progress.json")
-            if self.progress["config"] != resolved:
-                raise ConfigError(f"--resume: the config differs from the one '{self.dir.path}' was started with; resume with the same config")
+            if comparable_config(self.progress["config"]) != comparable_config(resolved):
+                message = f"--resume: the config differs from the one '{self.dir.path}' was started with; resume with the same config"
+                self.log.error(f"error: {message}")
+                raise ConfigError(message)
         else:
             self.progress = self._fresh_progress()
         self.dir.write_config(resolved)
         self.dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         try:
-            results = self._run()
-        except BaseException as exc:
-            self.dir.set_status("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            with sigterm_raises():
+                results = self._run()
+        except KeyboardInterrupt as exc:
+            reason = "SIGTERM" if isinstance(exc, RunInterrupted) else "KeyboardInterrupt (Ctrl-C)"
+            self.log.error(f"interrupted by {reason}; continue with --resume --out {self.dir.path}")
+            self.dir.set_status("interrupted", reason=f"interrupted by {reason}", interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
             raise
-        self.dir.set_status("complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        except BaseException as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, MagmaxError):
+                self.log.error(f"error: {message}")
+            else:  # not a user error: the log keeps the whole traceback for the bug report
+                self.log.exception(f"error: {type(exc).__name__}: {message}")
+            self.dir.set_status("failed", error=message)
+            raise
+        kept = self.cfg.keep_state
+        self.dir.set_status("complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), state="kept" if kept else "removed")
+        if not kept:
+            # The resume state (θ_t and merger states: several models' worth) has no use once the run is complete.
+            shutil.rmtree(self.dir.state, ignore_errors=True)
+        self.log.info(f"complete in {results['seconds']:.0f} s" + ("; resume state kept in state/" if kept else ""))
         return results
 
     def _run(self) -> dict[str, Any]:
@@ -209,6 +341,8 @@ class ContinualRun:
         t0 = time.time()
         self._phase("loading data and model")
         self.setup()
+        self.protocols = protocol_names(cfg.streams)
+        self.clock = RunClock(*self._planned_work())
         write_json(
             self.dir.path / "provenance.json",
             provenance(cfg.seed, self.theta0, self.data_info, cfg.backbone.model_dump(mode="json")),
@@ -224,9 +358,11 @@ class ContinualRun:
         if cfg.joint and self.progress["joint"] is None:
             from magmax.training.joint import train_joint
 
-            self._phase("joint training on all tasks (upper bound)")
+            self._phase(f"joint training on all tasks (upper bound); {self._timing()}")
             self.load_encoder(self.theta0)
+            self._training("[joint]")
             train_joint(self, seed=task_seed(cfg.seed, len(cfg.streams), 0))
+            self.clock.end_training()
             self.progress["joint"] = self.eval_current(JOINT).to_json()
             self._save_progress()
         results = self.results(time.time() - t0)
@@ -258,28 +394,31 @@ class ContinualRun:
             self.load_encoder(self.theta0)
         for t in range(done, len(self.tasks)):
             task = self.tasks[t]
-            self._phase(f"[{stream.name}] task {t + 1}/{len(self.tasks)}: {task.name}")
+            where = f"[{stream.name}] task {t + 1}/{len(self.tasks)}"
+            self._phase(f"{where}: {task.name} ({len(task.train)} training samples); {self._timing()}")
             if stream.start == "pretrained":
                 self.load_encoder(self.theta0)
             if self.hooks.on_task_start:
                 self.hooks.on_task_start(stream.name, task, t)
             previous_heads = [self.head_for(p) for p in self.tasks[:t]]
+            self._training(where)
             finetune(
                 self.backbone, task, self.head_for(task), self.train_config(t),
                 seed=task_seed(cfg.seed, s_idx, t), device=self.device, regularizer=regularizer,
-                previous_heads=previous_heads, on_step=self.hooks.on_step,
+                previous_heads=previous_heads, on_step=self.step_hook,
             )
+            self.clock.end_training()
             theta_t = self.encoder_state()
             rows = entry["rows"]
             if stream.evaluate_finetuned:
                 name = model_name(stream.name, "finetune")
-                rows.setdefault(name, []).append(self.eval_current(name).to_json())
+                rows.setdefault(name, []).append(self.eval_current(name, t + 1).to_json())
             for label, merger in mergers.items():
                 merger.add(theta_t)
                 merged = merger.merged()
                 self.load_encoder(merged)
                 name = model_name(stream.name, label)
-                rows.setdefault(name, []).append(self.eval_current(name).to_json())
+                rows.setdefault(name, []).append(self.eval_current(name, t + 1).to_json())
                 if cfg.save_checkpoints and t == len(self.tasks) - 1:
                     self._save_checkpoint(merged, f"{stream.name}-{label}-final")
                 del merged
@@ -313,6 +452,7 @@ class ContinualRun:
         # Task-aware settings (e.g. 8 datasets) report the unweighted mean over tasks, as that literature does.
         sizes = [1] * len(self.tasks) if task_aware else self.evalset.sizes
         models: dict[str, Any] = {}
+        protocols = protocol_names(self.cfg.streams)
         if self.progress["zero_shot"] is not None:
             zs = self.progress["zero_shot"]
             models[ZERO_SHOT] = {"kind": "zero-shot", "rows": [zs["per_task"]], "overall": [zs["overall"]], "task_aware": [zs["per_task_aware"]]}
@@ -323,6 +463,7 @@ class ContinualRun:
                 models[name] = {
                     "kind": "finetune" if merge is None else "merge",
                     "stream": stream.name,
+                    "protocol": protocols[stream.name],
                     "method": None if merge is None else merge.method,
                     "scale": None if merge is None else create_method(merge.method, **merge.options).scale,
                     "rows": [r["per_task"] for r in rows],
@@ -333,6 +474,7 @@ class ContinualRun:
             j = self.progress["joint"]
             models[JOINT] = {"kind": "joint", "rows": [j["per_task"]], "overall": [j["overall"]], "task_aware": [j["per_task_aware"]]}
         for name, m in models.items():
+            m["label"] = model_label(name, m, len(self.tasks))
             acc = np.asarray(m["task_aware" if task_aware else "rows"], dtype=float)
             if acc.shape[0] == len(self.tasks):
                 m["metrics"] = summarize(acc, sizes)

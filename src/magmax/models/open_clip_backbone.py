@@ -1,4 +1,4 @@
-"""CLIP through open_clip (optional extra: ``pip install magmax[openclip]``), as the reference code loads it.
+"""CLIP through open_clip (optional extra: ``pip install "magmax[openclip]"``), as the reference code loads it.
 
 Same contract as the transformers CLIP backbone: encoder = ``model.visual`` (the vision tower with its
 projection ``proj``), trained and merged; the text side (token embedding, transformer, final LayerNorm,
@@ -28,8 +28,8 @@ def import_open_clip() -> Any:
         import open_clip
     except ImportError as err:  # torchvision inside open_clip fails on some torch builds as well
         raise ConfigError(
-            f"backbone kind 'open_clip' needs open_clip ({first_line(err)}): pip install magmax[openclip], "
-            "or use kind: clip (transformers)"
+            f"backbone kind 'open_clip' needs open_clip ({first_line(err)}): pip install \"magmax[openclip]\" "
+            "(open_clip_torch and torchvision), or use kind: clip (transformers)"
         ) from err
     return open_clip
 

@@ -35,5 +35,5 @@ def train_joint(run: "ContinualRun", seed: int) -> None:
     labels = np.asarray([run.row_of[int(c)] for c in train.labels], dtype=np.int64)
     finetune(
         run.backbone, task, run.head_all, run.cfg.train,
-        seed=seed, device=run.device, on_step=run.hooks.on_step, train_set=train, labels=labels,
+        seed=seed, device=run.device, on_step=run.step_hook, train_set=train, labels=labels,
     )
