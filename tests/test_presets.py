@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from magmax.config import load_config
+from magmax.errors import ConfigError
 from magmax.plan import print_plan
 
 PRESETS = sorted((Path(__file__).parent.parent / "configs" / "paper").glob("*.yaml"))
@@ -31,7 +33,7 @@ def test_preset_dry_run(path, tmp_path, monkeypatch):
     assert cfg.train.lr == 1e-5 and cfg.train.warmup_steps == 500 and cfg.train.batch_size == 128
     streams = {s.name: s for s in cfg.streams}
     assert {"seq", "ind", "lwf", "ewc"} <= streams.keys() and cfg.zero_shot and cfg.joint
-    assert {m.method for m in cfg.merges} >= {"magmax", "average", "random", "ties"}
+    assert {m.name for m in cfg.merges} >= {"magmax", "average", "random", "ties"}  # DIL: average is a label
     buffer = io.StringIO()
     print_plan(cfg, Console(file=buffer, width=200))
     text = buffer.getvalue()
@@ -51,3 +53,30 @@ def test_cifar100_10_plan_has_the_paper_numbers(tmp_path, monkeypatch):
 def test_set_overrides_data_root(tmp_path):
     cfg = load_config(PRESETS[0].parent / "cifar100-10.yaml", [f"data_root={tmp_path}"])
     assert cfg.resolved_data_root() == str(tmp_path)
+
+
+def test_set_reaches_stream_and_merge_entries_by_name_or_position():
+    cfg = load_config(
+        PRESETS[0].parent / "imagenet_r-domains.yaml",
+        ["streams.ewc.ewc.fisher=empirical", "merges.ties.population=trained", "merges.average.method=average",
+         "merges.average.options.scale=1", "streams.0.start=pretrained", "merges.0.options.scale=0.25"],
+    )
+    streams = {s.name: s for s in cfg.streams}
+    merges = {m.name: m for m in cfg.merges}
+    assert streams["ewc"].ewc.fisher == "empirical"
+    assert streams["seq"].start == "pretrained"  # position 0
+    assert merges["ties"].population == "trained"
+    assert merges["average"].method == "average" and merges["average"].options == {"scale": 1}
+    assert merges["magmax"].options == {"scale": 0.25}  # a merge written as a bare method name, by position
+    untouched = load_config(PRESETS[0].parent / "imagenet_r-domains.yaml")
+    assert {s.name: s.ewc.fisher for s in untouched.streams if s.ewc}["ewc"] == "reference"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("merges.nope.options.scale=1", "'nope' names no entry; use a position (0..3) or one of"),
+    ("merges.7.options.scale=1", "there is no entry 7 (the list has 4)"),
+    ("streams.start=previous", "'streams' is a list; name one of its entries, e.g. streams.0.start"),
+])
+def test_set_on_a_list_names_what_exists(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(PRESETS[0].parent / "cifar100-10.yaml", [override])

@@ -240,17 +240,47 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set '{item}': expected key=value, e.g. --set train.steps=100")
-        node = raw
+        node: Any = raw
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+            if isinstance(node, list):
+                child = _list_entry(node, part, item)
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"--set '{item}': '{part}' is not a section of the config")
             node = child
+        if isinstance(node, list):
+            raise ConfigError(f"--set '{item}': '{parts[-2]}' is a list; name one of its entries, e.g. "
+                              f"{'.'.join(parts[:-1])}.0.{parts[-1]}")
         node[parts[-1]] = parse_value(value)
     return raw
+
+
+def _list_entry(entries: list[Any], part: str, item: str) -> Any:
+    """A list section's entry by position (``merges.0``) or by its name, label or method (``streams.ewc``,
+    ``merges.ties``), so that --set reaches a stream's or a merge's settings."""
+    if part.isdigit():
+        if int(part) < len(entries):
+            entry = entries[int(part)]
+            if isinstance(entry, str):  # a merge given by its method name alone: make it a mapping
+                entry = entries[int(part)] = {"method": entry}
+            return entry
+        raise ConfigError(f"--set '{item}': there is no entry {part} (the list has {len(entries)})")
+
+    def names(entry: Any) -> set[str]:
+        if isinstance(entry, str):
+            return {entry}
+        return {str(entry[k]) for k in ("name", "label", "method") if isinstance(entry, dict) and k in entry}
+
+    matches = [i for i, entry in enumerate(entries) if part in names(entry)]
+    if len(matches) != 1:
+        known = sorted({n for entry in entries for n in names(entry)})
+        why = "matches several entries" if matches else "names no entry"
+        raise ConfigError(f"--set '{item}': '{part}' {why}; use a position (0..{len(entries) - 1}) or one of {known}")
+    return _list_entry(entries, str(matches[0]), item)
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
