@@ -64,7 +64,8 @@ def test_ewc_penalty_zero_at_old_params_and_grows_with_fisher():
 
 @pytest.mark.parametrize("regularizer", ["lwf", "ewc"])
 def test_baseline_streams_run_end_to_end(image_root, tmp_path, regularizer):  # noqa: F811
-    cfg = raw_config(image_root, streams=[{"name": regularizer, "regularizer": regularizer, "merges": ["magmax"]}], merges=[{"method": "magmax"}])
+    cfg = raw_config(image_root, streams=[{"name": regularizer, "regularizer": regularizer, "merges": ["magmax"]}], merges=[{"method": "magmax"}],
+                     keep_state=True)  # state/ is kept for the check below
     run = ContinualRun(validate_config(cfg), tmp_path / "run")
     results = run.run()
     rows = np.array(results["models"][f"{regularizer}:magmax"]["rows"])

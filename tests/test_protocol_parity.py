@@ -37,10 +37,10 @@ class Recorder:
         real_finetune = continual_mod.finetune
         recorder = self
 
-        def eval_spy(run, name):
+        def eval_spy(run, name, *args, **kwargs):
             state = {k: v.detach().clone() for k, v in run.backbone.encoder.state_dict().items()}
             recorder.evaluated.setdefault(name, []).append(state)
-            return real_eval(run, name)
+            return real_eval(run, name, *args, **kwargs)
 
         def finetune_spy(backbone, *args, **kwargs):
             steps = real_finetune(backbone, *args, **kwargs)
@@ -129,10 +129,10 @@ def test_precision_of_training_fisher_and_evaluation(image_root, tmp_path, monke
         finally:
             phase["now"] = "train"
 
-    def eval_spy(run, name):
+    def eval_spy(run, name, *args, **kwargs):
         phase["now"] = "eval"
         try:
-            return real_eval(run, name)
+            return real_eval(run, name, *args, **kwargs)
         finally:
             phase["now"] = "train"
 
