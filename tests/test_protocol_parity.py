@@ -79,12 +79,12 @@ def test_optimiser_clip_steps_and_schedule_as_the_reference(image_root, tmp_path
 
     monkeypatch.setattr(loop_mod, "make_optimizer", make_spy)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
-    # Two tasks of 3 classes: 24 training images each, batch 8 → 3 batches per epoch; 172 epochs = 516
-    # steps per task, past the ABSOLUTE 500-step warm-up.
+    # Two tasks of 3 classes: 24 training images each, batch 7 → ceil(24 / 7) = 4 batches per epoch (the
+    # last one partial, kept); 126 epochs = 504 steps per task, past the ABSOLUTE 500-step warm-up.
     cfg = raw_config(
         image_root,
         scenario={"kind": "class_incremental", "n_tasks": 2, "class_order": "natural"},
-        train={"lr": 1e-5, "weight_decay": 0.1, "batch_size": 8, "warmup_steps": 500, "epochs": 172,
+        train={"lr": 1e-5, "weight_decay": 0.1, "batch_size": 7, "warmup_steps": 500, "epochs": 126,
                "grad_clip": 1.0, "precision": "fp32", "eval_batch_size": 64},
         streams=[{"name": "seq"}], merges=[{"method": "magmax"}], zero_shot=False,
     )
@@ -98,7 +98,8 @@ def test_optimiser_clip_steps_and_schedule_as_the_reference(image_root, tmp_path
         assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 and group["weight_decay"] == 0.1
         assert group["amsgrad"] is False
     assert set(clips) == {1.0}
-    total = 172 * math.ceil(24 / 8)  # 3 classes × 8 images per task, batch 8: epochs × ceil(N / batch)
+    total = 126 * math.ceil(24 / 7)  # 3 classes × 8 images per task, batch 7: epochs × ceil(N / batch)
+    assert total == 504
     assert [len(task_lrs) for task_lrs in lrs] == [total, total]
     for task_lrs in lrs:
         for step in (0, 499, 500, total - 1):
