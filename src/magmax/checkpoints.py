@@ -196,7 +196,7 @@ class ReadBuffers:
     """Byte buffers for the readers' positioned reads, used again once nothing refers to them.
 
     A read into fresh memory runs at the page-fault rate (about 2 GB/s here, against 7.5 GB/s into
-    memory already touched: bench/README.md). Each buffer is as large as the largest tensor, so any
+    memory already touched: docs/benchmarks.md). Each buffer is as large as the largest tensor, so any
     read fits one (as a leading slice); a buffer is free again when no tensor made from it is alive
     (its storage's use count, which views of the returned tensor raise too). At most ``count`` buffers,
     so the memory they hold stays a fixed number of largest tensors whatever the number of models;

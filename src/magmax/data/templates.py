@@ -7,8 +7,8 @@ repository; the 80 ImageNet templates are the same, in the same order, as open_c
 ``OPENAI_IMAGENET_TEMPLATES``. Order matters only to floating-point rounding of the averaged head.
 
 ``TEXT_TEMPLATES`` and ``FASHION_MNIST_TEMPLATES`` are this project's choices for its CPU demos (no
-published list exists): "a kind of {}." is the template of the WordNet-supersense prototype
-(``shared/spec/demo-findings.md``).
+published list exists): "a kind of {}." is the template the WordNet-supersense demo uses
+(``presets/demo_text.yaml`` gives the reason).
 """
 
 from __future__ import annotations
