@@ -7,8 +7,7 @@ repository; the 80 ImageNet templates are the same, in the same order, as open_c
 ``OPENAI_IMAGENET_TEMPLATES``. Order matters only to floating-point rounding of the averaged head.
 
 ``TEXT_TEMPLATES`` and ``FASHION_MNIST_TEMPLATES`` are this project's choices for its CPU demos (no
-published list exists): "a kind of {}." is the template the WordNet-supersense demo uses
-(``presets/demo_text.yaml`` gives the reason).
+published list exists): "a kind of {}." is the template the WordNet-supersense demo uses.
 """
 
 from __future__ import annotations
