@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="magmax")
     except MagmaxError as exc:
-        print_error(make_console(stderr=True), str(exc))
+        if os.environ.get("RANK", "0") == "0":  # a data-parallel run: every rank raises it, rank 0 says it
+            print_error(make_console(stderr=True), str(exc))
         return exc.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

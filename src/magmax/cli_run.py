@@ -59,9 +59,17 @@ def default_out(cfg: RunConfig) -> Path:
 
 
 def execute(cfg: RunConfig, out: Path, resume: bool, again: str, progress_interval: float = 30.0) -> dict:
-    """Run ``cfg`` into ``out`` with progress lines; ``again`` is the command that resumes it (for the hint)."""
+    """Run ``cfg`` into ``out`` with progress lines; ``again`` is the command that resumes it (for the hint).
+    In a data-parallel run only rank 0 prints."""
+    from magmax import distributed
     from magmax.continual import ContinualRun, RunInterrupted
     from magmax.report import RESULTS_TABLE_MIN_WIDTH, results_lines, results_table
+
+    if not distributed.is_main():
+        try:
+            return ContinualRun(cfg, out, resume=resume).run()
+        except KeyboardInterrupt as exc:
+            raise typer.Exit(143 if isinstance(exc, RunInterrupted) else 130) from None
 
     console = make_console(stderr=True)
     columns = [
@@ -103,6 +111,8 @@ def run_command(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out after its last completed task"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved plan and exit"),
     keep_state: bool = typer.Option(False, "--keep-state", help="keep the resume state DIR/state/ when the run completes"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine (one per GPU): "
+                              "launches `torchrun --standalone --nproc_per_node N -m magmax run ...`"),
 ) -> None:
     """Run a continual-learning experiment: fine-tune through the task stream, merge after every task, evaluate."""
     cfg = with_keep_state(load_config(config, set_ or []), keep_state)
@@ -113,7 +123,50 @@ def run_command(
         return
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR (the run to continue)")
-    execute(cfg, out or default_out(cfg), resume, again=f"magmax run {config}")
+    again = f"magmax run {config}" + (f" --nproc {nproc}" if nproc > 1 else "")
+    if nproc > 1 and not launched():
+        launch(config, set_ or [], out or default_out(cfg), resume, keep_state, nproc)
+        return
+    from magmax import distributed
+    from magmax.continual import resolve_device
+
+    distributed.init_from_env(resolve_device(cfg.device))
+    # Every rank must write into the same folder: rank 0's default name (its timestamp) for all.
+    try:
+        out = Path(distributed.run_on_main(lambda: str(out or default_out(cfg))))
+        execute(cfg, out, resume, again=again)
+    finally:
+        distributed.destroy()
+
+
+def launched() -> bool:
+    from magmax.distributed import launched as inside
+
+    return inside()
+
+
+def launch(config: Path, sets: list[str], out: Path, resume: bool, keep_state: bool, nproc: int) -> None:
+    """``--nproc N``: the same command under torch's elastic launcher (torchrun), N processes on this machine."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    args = ["--standalone", "--nproc_per_node", str(nproc), "-m", "magmax", "run", str(config), "--out", str(out)]
+    for item in sets:
+        args += ["--set", item]
+    if resume:
+        args.append("--resume")
+    if keep_state:
+        args.append("--keep-state")
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values() if f.exitcode and f.exitcode > 0]
+        if 2 in codes:  # a user error: rank 0 has said what and where
+            raise typer.Exit(2) from None
+        print_error(make_console(stderr=True), f"a rank of the {nproc}-process run failed (see above); '{out}' keeps "
+                    f"the state after the last completed task; continue with: magmax run {config} --nproc {nproc} "
+                    f"--out {out} --resume")
+        raise typer.Exit(min(codes) if codes else 1) from None
 
 
 @app.command("demo")

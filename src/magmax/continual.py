@@ -16,6 +16,10 @@ that completes removes ``DIR/state`` (the size of a few models) unless ``keep_st
 Progress is plain lines (front ends print them, ``DIR/log.txt`` keeps them): one per task and per
 evaluation, and one at least every ``progress_interval`` seconds while training, each with the time
 elapsed and an ETA for the whole run (:class:`magmax.progress.RunClock`).
+
+Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel (:mod:`magmax.distributed`): every rank
+trains on its share of each batch and evaluates a share of the test batches; merges and the Fisher
+are computed on rank 0 and broadcast; rank 0 alone writes the run directory and reads it on --resume.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from magmax import distributed
 from magmax.api import Merger
 from magmax.merging import create_method
 from magmax.config import MergeConfig, RunConfig, StreamConfig
@@ -240,7 +245,7 @@ class ContinualRun:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.local_device(resolve_device(cfg.device))
         self.tasks, groups, self.data_info = load_stream(cfg)
         self.evalset = EvalSet.from_tasks(self.tasks)
         torch.manual_seed(cfg.seed)
@@ -290,20 +295,23 @@ class ContinualRun:
 
     # -- progress (resume) --------------------------------------------------------------------------
     def _save_progress(self) -> None:
-        write_json(self.dir.state / "progress.json", self.progress)
+        if self.dir.writer:
+            write_json(self.dir.state / "progress.json", self.progress)
 
     def _fresh_progress(self) -> dict[str, Any]:
         return {"config": self.cfg.model_dump(mode="json"), "zero_shot": None, "joint": None, "streams": {}}
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        restart = self.dir.create(self.resume)
+        distributed.init_from_env(resolve_device(self.cfg.device))
+        self.dir.writer = distributed.is_main()
+        restart = distributed.run_on_main(lambda: self.dir.create(self.resume))
         self.log = self.dir.logger()
         if restart is not None:
             self._phase(restart)
         resolved = self.cfg.model_dump(mode="json")
         if self.resume and restart is None:
-            self.progress = read_json(self.dir.state / "progress.json")
+            self.progress = distributed.run_on_main(lambda: read_json(self.dir.state / "progress.json"))
             if comparable_config(self.progress["config"]) != comparable_config(resolved):
                 message = f"--resume: the config differs from the one '{self.dir.path}' was started with; resume with the same config"
                 self.log.error(f"error: {message}")
@@ -330,7 +338,7 @@ class ContinualRun:
             raise
         kept = self.cfg.keep_state
         self.dir.set_status("complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), state="kept" if kept else "removed")
-        if not kept:
+        if not kept and self.dir.writer:
             # The resume state (θ_t and merger states: several models' worth) has no use once the run is complete.
             shutil.rmtree(self.dir.state, ignore_errors=True)
         self.log.info(f"complete in {results['seconds']:.0f} s" + ("; resume state kept in state/" if kept else ""))
@@ -343,10 +351,11 @@ class ContinualRun:
         self.setup()
         self.protocols = protocol_names(cfg.streams)
         self.clock = RunClock(*self._planned_work())
-        write_json(
-            self.dir.path / "provenance.json",
-            provenance(cfg.seed, self.theta0, self.data_info, cfg.backbone.model_dump(mode="json")),
-        )
+        if self.dir.writer:
+            write_json(
+                self.dir.path / "provenance.json",
+                provenance(cfg.seed, self.theta0, self.data_info, cfg.backbone.model_dump(mode="json")),
+            )
         self.log.info(f"{len(self.tasks)} tasks: " + "; ".join(f"{t.name} ({len(t.train)} train / {len(t.test)} test)" for t in self.tasks))
         if cfg.zero_shot and self.progress["zero_shot"] is None:
             self._phase("evaluating the pre-trained model (zero-shot)")
@@ -368,7 +377,8 @@ class ContinualRun:
         results = self.results(time.time() - t0)
         from magmax.report import write_results
 
-        write_results(self.dir.path, results)
+        if self.dir.writer:
+            write_results(self.dir.path, results)
         return results
 
     def _stream_state_path(self, stream: StreamConfig) -> Path:
@@ -384,8 +394,9 @@ class ContinualRun:
         mergers = {m.name: Merger(m.method, self.theta0, **merge_options(m, self.backbone)) for m in merges}
         regularizer = make_regularizer(stream)
         if done > 0:
-            saved = load_state(self._stream_state_path(stream))
-            self.load_encoder(load_file(str(self._stream_state_path(stream)) + ".theta.safetensors"))
+            base = self._stream_state_path(stream)
+            saved, theta = distributed.from_main(lambda: (load_state(base), load_file(str(base) + ".theta.safetensors")))
+            self.load_encoder(theta)
             for name, merger in mergers.items():
                 merger.load_state_dict(saved["mergers"][name])
             if regularizer is not None:
@@ -415,7 +426,7 @@ class ContinualRun:
                 rows.setdefault(name, []).append(self.eval_current(name, t + 1).to_json())
             for label, merger in mergers.items():
                 merger.add(theta_t)
-                merged = merger.merged()
+                merged = distributed.from_main(merger.merged)  # rank 0's merge, on every rank
                 self.load_encoder(merged)
                 name = model_name(stream.name, label)
                 rows.setdefault(name, []).append(self.eval_current(name, t + 1).to_json())
@@ -426,22 +437,25 @@ class ContinualRun:
             if cfg.save_checkpoints:
                 self._save_checkpoint(theta_t, f"{stream.name}-task{t + 1}")
             # Resume point: θ_t and every state, then the progress record that points at them.
-            base = self._stream_state_path(stream)
-            tmp = Path(str(base) + ".theta.safetensors.tmp")
-            save_file({k: v.contiguous() for k, v in theta_t.items()}, str(tmp))
-            tmp.replace(str(base) + ".theta.safetensors")
-            save_state(
-                {
-                    "mergers": {n: m.state_dict() for n, m in mergers.items()},
-                    "regularizer": regularizer.state_dict() if regularizer is not None else {},
-                },
-                base,
-            )
+            if self.dir.writer:
+                base = self._stream_state_path(stream)
+                tmp = Path(str(base) + ".theta.safetensors.tmp")
+                save_file({k: v.contiguous() for k, v in theta_t.items()}, str(tmp))
+                tmp.replace(str(base) + ".theta.safetensors")
+                save_state(
+                    {
+                        "mergers": {n: m.state_dict() for n, m in mergers.items()},
+                        "regularizer": regularizer.state_dict() if regularizer is not None else {},
+                    },
+                    base,
+                )
             entry["completed"] = t + 1
             self._save_progress()
             del theta_t
 
     def _save_checkpoint(self, state: dict[str, torch.Tensor], name: str) -> None:
+        if not self.dir.writer:
+            return
         folder = self.dir.path / "checkpoints"
         folder.mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{name}.safetensors"))

@@ -3,7 +3,8 @@
 One forward pass per model over the concatenated test sets of every task gives, from the same
 features: the task-agnostic accuracy per task (argmax over ALL classes — the paper's metric), the
 task-aware accuracy per task (argmax over that task's classes only), and the accuracy on the whole
-test set. Accuracies are percentages.
+test set. Accuracies are percentages. In a data-parallel run the ranks share the batches and gather
+the features, then every rank scores them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from magmax import distributed
 from magmax.models.base import Backbone
 from magmax.scenarios import Task
 from magmax.training.batches import concat_items, take
@@ -48,17 +50,38 @@ class EvalSet:
         return [int((self.task_of == i).sum()) for i in range(len(self.tasks))]
 
 
+def batch_share(n: int, batch_size: int, rank: int, world: int) -> range:
+    """Evaluation batches (of ``batch_size``, in evaluation order) that rank ``rank`` computes: a
+    contiguous block, the first ranks one more where they do not divide evenly."""
+    batches = -(-n // batch_size)
+    base, extra = divmod(batches, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
 @torch.no_grad()
 def compute_features(backbone: Backbone, evalset: EvalSet, batch_size: int, device: torch.device, precision: str = "auto") -> Tensor:
+    """Features of every test sample. In a data-parallel run each rank computes a block of the same
+    batches one process would and every rank gets all of them, so the features are the same bits."""
     backbone.eval()
     autocast = autocast_for(device, precision)
+    n, world = len(evalset.order), distributed.world_size()
+    mine = batch_share(n, batch_size, distributed.rank(), world)
     chunks = []
-    for start in range(0, len(evalset.order), batch_size):
-        idx = evalset.order[start : start + batch_size]
+    for b in mine:
+        idx = evalset.order[b * batch_size : (b + 1) * batch_size]
         batch = to_device(backbone.prepare(take(evalset.items, idx), train=False), device)
         with autocast():
             chunks.append(backbone.features(batch).float().cpu())
-    out = torch.cat(chunks)
+    if world > 1:
+        dim = distributed.max_int(chunks[0].shape[1] if chunks else 0)
+        local = torch.cat(chunks) if chunks else torch.empty(0, dim)
+        counts = [
+            sum(min(batch_size, n - b * batch_size) for b in batch_share(n, batch_size, r, world)) for r in range(world)
+        ]
+        out = distributed.gather_rows(local, counts)
+    else:
+        out = torch.cat(chunks)
     features = torch.empty_like(out)
     features[torch.as_tensor(evalset.order)] = out
     return features

@@ -53,8 +53,12 @@ _RUN_ENTRIES = frozenset(
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    """``writer`` False (ranks other than 0 of a data-parallel run): status, config and log writes are
+    skipped, so the directory is written once."""
+
+    def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
 
     @property
     def state(self) -> Path:
@@ -106,17 +110,25 @@ class RunDir:
         return restart
 
     def set_status(self, status: str, **extra: Any) -> None:
+        if not self.writer:
+            return
         write_json(self.path / "status.json", {"status": status, **extra})
 
     def write_config(self, resolved: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         tmp = self.path / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         os.replace(tmp, self.path / "config.yaml")
 
     def logger(self) -> logging.Logger:
-        log = logging.getLogger(f"magmax.run.{self.path}")
+        log = logging.getLogger(f"magmax.run.{self.path}" + ("" if self.writer else ".silent"))
         log.setLevel(logging.INFO)
         log.propagate = False
+        if not self.writer:
+            if not log.handlers:
+                log.addHandler(logging.NullHandler())
+            return log
         if not log.handlers:
             handler = logging.FileHandler(self.path / "log.txt")
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -13,13 +13,15 @@ from __future__ import annotations
 import abc
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from magmax.errors import ConfigError
 from magmax.models.heads import template_head
-from magmax.models.preprocess import ImageTransform
+from magmax.models.preprocess import ImageTransform, skip_crops
+from magmax.training.batches import take
 
 Modality = Literal["text", "image"]
 Batch = dict[str, torch.Tensor] | torch.Tensor
@@ -96,6 +98,14 @@ class Backbone(torch.nn.Module, abc.ABC):
         """Tokenise texts / preprocess images into a CPU batch. Training crops draw from ``generator``
         (default: ``self.augmentation_generator``)."""
 
+    def prepare_rows(self, items: Any, rows: slice, train: bool, generator: torch.Generator | None = None) -> Batch:
+        """Rows ``rows`` of ``prepare(items, train, generator)``: what one rank of a data-parallel step
+        prepares. This default prepares every item and slices (texts: padded as the whole batch is)."""
+        batch = self.prepare(items, train, generator)
+        if isinstance(batch, torch.Tensor):
+            return batch[rows]
+        return {key: value[rows] for key, value in batch.items()}
+
     @abc.abstractmethod
     def embed(self, batch: Batch) -> torch.Tensor:
         """Unnormalised encoder output [B, D] (gradients flow into ``encoder``)."""
@@ -137,6 +147,14 @@ class ImageBackbone(Backbone):
 
     def prepare(self, items: Any, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.transform(items, train, generator or self.augmentation_generator)
+
+    def prepare_rows(self, items: Any, rows: slice, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Only the images of ``rows`` are decoded; the crops of the rows before them are drawn and
+        dropped, so each row gets the crop it gets in the whole batch."""
+        generator = generator or self.augmentation_generator
+        if train and rows.start:
+            skip_crops(take(items, np.arange(rows.start)), self.transform, generator)
+        return self.prepare(take(items, np.arange(rows.start, rows.stop)), train, generator)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.encoder(batch)

@@ -280,3 +280,34 @@ def _pil_to_array(item: Any) -> np.ndarray:
     raise DataError(
         f"cannot preprocess an image item of type {type(item).__name__}: pass uint8 arrays, file paths or PIL images"
     )
+
+
+def image_size_of(item: Any) -> tuple[int, int]:
+    """(height, width) of one image item as :func:`preprocess_images` sees it; files: the header only."""
+    if isinstance(item, (str, Path)):
+        from PIL import Image
+
+        try:
+            with Image.open(item) as image:
+                width, height = image.size
+        except (OSError, ValueError) as err:
+            raise DataError(
+                f"cannot decode image file {item}: {first_line(err)}; check the file or remove it from the dataset"
+            ) from err
+        return height, width
+    if isinstance(item, np.ndarray):
+        return int(item.shape[0]), int(item.shape[1])
+    return _pil_to_array(item).shape[:2]
+
+
+def skip_crops(items: Any, transform: ImageTransform, generator: torch.Generator | None) -> None:
+    """Advance ``generator`` past the training crops of ``items`` without resampling them: afterwards it
+    draws what it would after ``preprocess_images(items, transform, True, generator)``. A rank of a
+    data-parallel step skips the rows before its share, so its crops are those of the whole batch."""
+    if isinstance(items, np.ndarray):
+        _, height, width = items.shape[:3]
+        sizes = [(int(height), int(width))] * len(items)
+    else:
+        sizes = [image_size_of(item) for item in items]
+    for height, width in sizes:
+        sample_crop_box(height, width, generator, transform.scale, transform.ratio)

@@ -1,5 +1,8 @@
 """LwF and EWC, the continual-learning baselines of the MagMax paper, as regularisers of the one loop.
 
+In a data-parallel run the LwF teacher is the encoder every rank holds at the task's start (identical
+across ranks), and the EWC Fisher is computed on rank 0 over the whole task and broadcast.
+
 LwF (Li & Hoiem, ECCV 2016), as the MagMax reference applies it (protocol §1):
 
     L = CE(s·f_θ(x)·H_tᵀ, y) + w·KD,   KD = −(1/B) Σ_b Σ_c p_old[b,c]·log q_new[b,c]
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from magmax import distributed
 from magmax.config import EwcConfig, LwfConfig, StreamConfig
 from magmax.training.batches import batch_indices, take
 from magmax.training.loop import StepContext, logits_of, to_device
@@ -120,9 +124,14 @@ class EWC(Regularizer):
         encoder = ctx.backbone.encoder
         self.old_params = {n: p.detach().clone() for n, p in encoder.named_parameters() if p.requires_grad}
         if self.cfg.fisher == "reference":
-            new = reference_fisher_diagonal(ctx, self.cfg.fisher_targets)
+            compute = lambda: reference_fisher_diagonal(ctx, self.cfg.fisher_targets)  # noqa: E731
         else:
-            new = fisher_diagonal(ctx, self.cfg.fisher_batches, self.cfg.fisher_targets)
+            compute = lambda: fisher_diagonal(ctx, self.cfg.fisher_batches, self.cfg.fisher_targets)  # noqa: E731
+        # Data-parallel: rank 0 computes the Fisher over the whole task, exactly as one process does (the
+        # reference loop's running gradient sum starts from the reduced, clipped last gradient, which every
+        # rank holds), and hands it to the other ranks.
+        new = {n: f.to(encoder_device(encoder)) for n, f in distributed.from_main(compute).items()}
+        encoder.zero_grad(set_to_none=True)
         d = self.cfg.fisher_decay
         self.fisher = {n: d * self.fisher.get(n, torch.zeros_like(f)) + (1 - d) * f for n, f in new.items()}
 
@@ -132,6 +141,10 @@ class EWC(Regularizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fisher = dict(state.get("fisher", {}))
         self.old_params = dict(state.get("old_params", {}))
+
+
+def encoder_device(encoder: torch.nn.Module) -> torch.device:
+    return next(encoder.parameters()).device
 
 
 def ewc_penalty(encoder: torch.nn.Module, fisher: dict[str, Tensor], old_params: dict[str, Tensor]) -> Tensor:

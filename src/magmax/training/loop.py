@@ -5,6 +5,13 @@ warm-up + cosine schedule; gradient-norm clipping at 1.0; batch 128; logits = s�
 frozen zero-shot head restricted to the task's classes (labels remapped to 0..k−1 in sorted class-id
 order). On CUDA: bf16 autocast and fused AdamW; on CPU: fp32, seeded and deterministic. Gradient
 accumulation splits a batch into ``grad_accum`` micro-batches (same update as the whole batch).
+
+Data-parallel (torchrun, :mod:`magmax.distributed`): the batch indices and every step's crop generator
+are drawn exactly as in one process; rank r then trains on its contiguous share of the global batch
+(:func:`magmax.distributed.share`) in ``grad_accum`` micro-batches, each micro-batch's loss weighted by
+its rows over the GLOBAL batch's rows, and the gradients are summed across ranks before clipping. A
+W-rank run therefore takes the steps of the one-process run with ``grad_accum`` × W micro-batches, up to
+the order in which the micro-batches' gradients are added.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from magmax import distributed
 from magmax.config import TrainConfig
 from magmax.errors import TrainingError
 from magmax.models.base import Backbone
@@ -132,16 +140,23 @@ def finetune(
     if regularizer is not None:
         regularizer.before_task(ctx)
     backbone.train()
-    micro = cfg.batch_size // cfg.grad_accum
+    world = distributed.world_size()
+    micro = distributed.micro_batch(cfg.batch_size, cfg.grad_accum, world)
     pin = device.type == "cuda"
     features_fn = torch.compile(backbone.features) if cfg.compile else backbone.features
 
     def prepare(job: tuple[int, np.ndarray]) -> Any:
         # Each step draws its crops from its own generator, so the result does not depend on how many
-        # threads prepare batches, in which order they finish, or how the step is split (grad_accum).
+        # threads prepare batches, in which order they finish, or how the step is split (grad_accum, ranks).
         step, idx = job
         crops = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        batch = backbone.prepare(take(data.items, idx), train=True, generator=crops)
+        if world == 1:
+            batch = backbone.prepare(take(data.items, idx), train=True, generator=crops)
+        else:
+            rows = distributed.share(len(idx), cfg.batch_size)
+            if rows.start == rows.stop:
+                return None  # a short batch (end of an epoch) may leave this rank nothing
+            batch = backbone.prepare_rows(take(data.items, idx), rows, train=True, generator=crops)
         return pin_batch(batch) if pin else batch
 
     jobs = enumerate(batch_indices(len(data), cfg.batch_size, total, generator))
@@ -151,10 +166,11 @@ def finetune(
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
-        for start in range(0, len(idx), micro):
+        mine = idx[distributed.share(len(idx), cfg.batch_size)] if world > 1 else idx
+        for start in range(0, len(mine), micro):
             chunk = slice(start, start + micro)
             batch = to_device(slice_batch(full_batch, chunk), device)
-            y = torch.as_tensor(targets[idx[chunk]], dtype=torch.long).to(device, non_blocking=True)
+            y = torch.as_tensor(targets[mine[chunk]], dtype=torch.long).to(device, non_blocking=True)
             with autocast():
                 features = features_fn(batch)
                 loss = F.cross_entropy(logits_of(backbone, features, head), y)
@@ -162,9 +178,11 @@ def finetune(
                     extra = regularizer.penalty(ctx, features, batch)
                     if extra is not None:
                         loss = loss + extra
-            weight = len(y) / len(idx)
+            weight = len(y) / len(idx)  # rows over the GLOBAL batch: the ranks' gradients are summed
             (loss * weight).backward()
             loss_value += float(loss.detach()) * weight
+        distributed.all_reduce_gradients(params)
+        loss_value = distributed.all_reduce_sum(loss_value)
         if not math.isfinite(loss_value):
             raise TrainingError(
                 f"task {task.index + 1} ('{task.name}'), step {step}: loss is {loss_value}; "
@@ -176,6 +194,7 @@ def finetune(
         if on_step is not None:
             on_step(StepInfo(task.index, step, total, loss_value, lr))
     backbone.eval()
+    distributed.broadcast_module_(encoder)  # ranks hold identical weights; rank 0's, should a kernel differ
     if regularizer is not None:
         regularizer.after_task(ctx)
     return total
