@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magmax.errors import ConfigError
 from magmax.models.base import BackboneConfig
@@ -164,6 +164,15 @@ class RunConfig(StrictModel):
         description="run once per seed into DIR/seed-<s>/ and aggregate (mean, t-interval); overrides seed",
     )
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and not seeds:
+            raise ValueError("seeds is empty; give at least one seed, e.g. seeds: [5, 6, 7]")
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: str | None = Field(None, description="root of all datasets (default: $MAGMAX_DATA)")
     data: DataConfig | None = Field(None, description="the dataset (all kinds but multi_dataset)")
@@ -194,11 +203,6 @@ class RunConfig(StrictModel):
                 unknown = [m for m in s.merges if m not in labels]
                 if unknown:
                     raise ValueError(f"stream '{s.name}' names merge '{unknown[0]}' that is not in merges {labels}")
-        if self.seeds is not None:
-            if not self.seeds:
-                raise ValueError("seeds is empty; give at least one seed, e.g. seeds: [5, 6, 7]")
-            if len(set(self.seeds)) != len(self.seeds):
-                raise ValueError(f"seeds must be distinct, got {self.seeds}")
         reference = self.aggregate.reference
         if reference is not None and reference not in self.model_names():
             raise ValueError(f"aggregate.reference '{reference}' is not a model of this run; use one of {self.model_names()}")
