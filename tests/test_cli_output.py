@@ -84,7 +84,7 @@ def test_results_files_table_and_plot_share_labels_and_round(tmp_path, monkeypat
     import matplotlib.figure
     from rich.console import Console
 
-    from magmax.report import results_table, write_results
+    from magmax.report import SINGLE_SEED_NOTE, results_table, write_results
 
     row = [42.30000078678131, 57.123456]
     results = {
@@ -120,7 +120,9 @@ def test_results_files_table_and_plot_share_labels_and_round(tmp_path, monkeypat
     assert [line.split(",")[1] for line in csv_lines[1:]] == expected
     assert csv_lines[1].split(",")[4:6] == ["", "42.30"] and csv_lines[1].endswith(",42.30,57.12")
     assert csv_lines[2].split(",")[5] == "12.35"
-    assert [line.split("|")[1].strip() for line in (tmp_path / "results.md").read_text().splitlines()[2:]] == expected
+    md_lines = (tmp_path / "results.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in md_lines[2:] if line.startswith("|")] == expected
+    assert md_lines[-2:] == ["", SINGLE_SEED_NOTE]
     import json
 
     assert json.loads((tmp_path / "results.json").read_text())["models"]["zero-shot"]["rows"][0][0] == 42.30000078678131

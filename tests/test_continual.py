@@ -99,8 +99,10 @@ def test_tiny_clip_end_to_end(image_root, tmp_path):
     with (out / "results.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert {r["model"]: r["label"] for r in csv_rows} == expected
-    md_labels = [line.split("|")[1].strip() for line in (out / "results.md").read_text().splitlines()[2:]]
+    md_lines = (out / "results.md").read_text().splitlines()
+    md_labels = [line.split("|")[1].strip() for line in md_lines[2:] if line.startswith("|")]
     assert md_labels == list(expected.values())
+    assert md_lines[-1].startswith("One seed: no interval")  # after the table, one note line
     # results.csv: 2 decimals; results.json: full precision.
     for r in csv_rows:
         full = saved["models"][r["model"]]["metrics"]["final_accuracy"]

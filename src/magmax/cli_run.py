@@ -14,6 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from magmax.cli import app
 from magmax.config import RunConfig, load_config
 from magmax.console import make_console, print_error, print_line
+from magmax.errors import ConfigError
+from magmax.rundir import read_json
 from magmax.presets import demo_config_path
 
 
@@ -60,18 +62,25 @@ def default_out(cfg: RunConfig) -> Path:
 
 def execute(cfg: RunConfig, out: Path, resume: bool, again: str, progress_interval: float = 30.0) -> dict:
     """Run ``cfg`` into ``out`` with progress lines; ``again`` is the command that resumes it (for the hint).
-    In a data-parallel run only rank 0 prints."""
+    In a data-parallel run only rank 0 prints.
+
+    With ``seeds`` set, one run per seed under ``out/seed-<s>/`` and the aggregate (:mod:`magmax.multiseed`)."""
     from magmax import distributed
     from magmax.continual import ContinualRun, RunInterrupted
-    from magmax.report import RESULTS_TABLE_MIN_WIDTH, results_lines, results_table
+    from magmax.multiseed import MultiSeedRun, is_multiseed_dir
+    from magmax.stats import NO_INTERVAL
 
     if not distributed.is_main():
-        try:
-            return ContinualRun(cfg, out, resume=resume).run()
+        try:  # the same run as rank 0's (one per seed in turn), without printing
+            return (ContinualRun if cfg.seeds is None else MultiSeedRun)(cfg, out, resume=resume).run()
         except KeyboardInterrupt as exc:
             raise typer.Exit(143 if isinstance(exc, RunInterrupted) else 130) from None
 
     console = make_console(stderr=True)
+    if resume and cfg.seeds is None and is_multiseed_dir(out):
+        seeds = ",".join(str(s) for s in read_json(out / "status.json")["seeds"])
+        raise ConfigError(f"--resume: '{out}' holds a multi-seed run (seeds {seeds}); resume it with --seeds {seeds} "
+                          "or the config's seeds")
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -84,7 +93,8 @@ def execute(cfg: RunConfig, out: Path, resume: bool, again: str, progress_interv
     # Off a terminal a live bar prints nothing useful: the lines alone carry the progress there.
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         hooks = LineHooks(console, progress if console.is_terminal else None)
-        run = ContinualRun(cfg, out, resume=resume, hooks=hooks.hooks(), progress_interval=progress_interval)
+        kind = ContinualRun if cfg.seeds is None else MultiSeedRun
+        run = kind(cfg, out, resume=resume, hooks=hooks.hooks(), progress_interval=progress_interval)
         try:
             results = run.run()
         except KeyboardInterrupt as exc:
@@ -93,14 +103,49 @@ def execute(cfg: RunConfig, out: Path, resume: bool, again: str, progress_interv
             print_error(console, f"run interrupted ({'SIGTERM' if sigterm else 'Ctrl-C'}); '{out}' keeps the state "
                         f"after the last completed task; continue with: {again} --out {out} --resume")
             raise typer.Exit(143 if sigterm else 130) from None
+    if cfg.seeds is None:
+        print_results(results)
+        print_line(console, f"{NO_INTERVAL} (--seeds 5,6,7 gives the mean and an interval over seeds)")
+    else:
+        print_aggregate(results["aggregate"], results["name"])
+    print_line(console, f"run directory: {out}  ({results['seconds']:.0f} s)")
+    return results
+
+
+def print_results(results: dict) -> None:
+    from magmax.report import RESULTS_TABLE_MIN_WIDTH, results_lines, results_table
+
     stdout = make_console()
     if stdout.width >= RESULTS_TABLE_MIN_WIDTH:
         stdout.print(results_table(results))
     else:
         for line in results_lines(results):
             print_line(stdout, line, indent=4)
-    print_line(console, f"run directory: {out}  ({results['seconds']:.0f} s)")
-    return results
+
+
+def print_aggregate(aggregate: dict, name: str) -> None:
+    from magmax.seeds_report import AGGREGATE_TABLE_MIN_WIDTH, aggregate_lines, aggregate_table
+
+    stdout = make_console()
+    if stdout.width >= AGGREGATE_TABLE_MIN_WIDTH:
+        stdout.print(aggregate_table(aggregate, name))
+    else:
+        for line in aggregate_lines(aggregate, name):
+            print_line(stdout, line, indent=4)
+
+
+def seed_overrides(seeds: Optional[str]) -> list[str]:
+    """``--seeds 5,6,7`` as the config override ``seeds=[5, 6, 7]`` (validated with the rest of the config)."""
+    if seeds is None:
+        return []
+    parts = [p.strip() for p in seeds.split(",")]
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        raise ConfigError(f"--seeds '{seeds}': expected integers separated by commas, e.g. --seeds 5,6,7")
+    return [f"seeds=[{', '.join(parts)}]"]
+
+
+def again_with(command: str, seeds: Optional[str]) -> str:
+    return command + (f" --seeds {seeds}" if seeds else "")
 
 
 @app.command("run")
@@ -113,19 +158,25 @@ def run_command(
     keep_state: bool = typer.Option(False, "--keep-state", help="keep the resume state DIR/state/ when the run completes"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine (one per GPU): "
                               "launches `torchrun --standalone --nproc_per_node N -m magmax run ...`"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="run once per seed into DIR/seed-<s>/ and aggregate: --seeds 5,6,7"),
 ) -> None:
     """Run a continual-learning experiment: fine-tune through the task stream, merge after every task, evaluate."""
-    cfg = with_keep_state(load_config(config, set_ or []), keep_state)
+    cfg = with_keep_state(load_config(config, (set_ or []) + seed_overrides(seeds)), keep_state)
     if dry_run:
         from magmax.plan import print_plan
 
-        print_plan(cfg, make_console())
+        console = make_console()
+        print_plan(cfg if cfg.seeds is None else cfg.for_seed(cfg.seeds[0]), console)
+        if cfg.seeds is not None:
+            order = "; with class_order: random each seed draws its own order" if cfg.scenario.class_order == "random" else ""
+            print_line(console, f"seeds {', '.join(map(str, cfg.seeds))}: one run each into DIR/seed-<s>/ (the plan of "
+                       f"seed {cfg.seeds[0]} is shown{order}); aggregate against {cfg.reference_model()}")
         return
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR (the run to continue)")
-    again = f"magmax run {config}" + (f" --nproc {nproc}" if nproc > 1 else "")
+    again = again_with(f"magmax run {config}" + (f" --nproc {nproc}" if nproc > 1 else ""), seeds)
     if nproc > 1 and not launched():
-        launch(config, set_ or [], out or default_out(cfg), resume, keep_state, nproc)
+        launch(config, (set_ or []) + seed_overrides(seeds), out or default_out(cfg), resume, keep_state, nproc)
         return
     from magmax import distributed
     from magmax.continual import resolve_device
@@ -176,7 +227,9 @@ def demo_command(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted demo in --out"),
     keep_state: bool = typer.Option(False, "--keep-state", help="keep the resume state DIR/state/ when the run completes"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="run once per seed into DIR/seed-<s>/ and aggregate: --seeds 5,6,7"),
 ) -> None:
     """The embedded demo: a real pre-trained model on real data shipped by registry packages, no download."""
-    cfg = with_keep_state(load_config(demo_config_path("image" if image else "text"), set_ or []), keep_state)
-    execute(cfg, out or default_out(cfg), resume, again="magmax demo" + (" --image" if image else ""))
+    overrides = (set_ or []) + seed_overrides(seeds)
+    cfg = with_keep_state(load_config(demo_config_path("image" if image else "text"), overrides), keep_state)
+    execute(cfg, out or default_out(cfg), resume, again=again_with("magmax demo" + (" --image" if image else ""), seeds))

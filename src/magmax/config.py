@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magmax.errors import ConfigError
 from magmax.models.base import BackboneConfig
@@ -145,9 +145,34 @@ class StreamConfig(StrictModel):
     ewc: EwcConfig = Field(default_factory=EwcConfig)
 
 
+class AggregateConfig(StrictModel):
+    """How a multi-seed run (``seeds``) summarises its seeds."""
+
+    reference: str | None = Field(
+        None,
+        description="model the paired differences are taken against (default: the first Seq-FT stream's "
+        "final model, e.g. seq:finetune)",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the Student-t intervals over seeds")
+
+
 class RunConfig(StrictModel):
     name: str = "run"
     seed: int = Field(5, description="seed of everything (the paper: 5)")
+    seeds: list[int] | None = Field(
+        None,
+        description="run once per seed into DIR/seed-<s>/ and aggregate (mean, t-interval); overrides seed",
+    )
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and not seeds:
+            raise ValueError("seeds is empty; give at least one seed, e.g. seeds: [5, 6, 7]")
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: str | None = Field(None, description="root of all datasets (default: $MAGMAX_DATA)")
     data: DataConfig | None = Field(None, description="the dataset (all kinds but multi_dataset)")
@@ -178,7 +203,35 @@ class RunConfig(StrictModel):
                 unknown = [m for m in s.merges if m not in labels]
                 if unknown:
                     raise ValueError(f"stream '{s.name}' names merge '{unknown[0]}' that is not in merges {labels}")
+        reference = self.aggregate.reference
+        if reference is not None and reference not in self.model_names():
+            raise ValueError(f"aggregate.reference '{reference}' is not a model of this run; use one of {self.model_names()}")
         return self
+
+    def model_names(self) -> list[str]:
+        """The models this config evaluates, in results order: zero-shot, each stream's θ_t and merges, joint."""
+        names = ["zero-shot"] if self.zero_shot else []
+        for stream in self.streams:
+            if stream.evaluate_finetuned:
+                names.append(f"{stream.name}:finetune")
+            names += [f"{stream.name}:{m.name}" for m in self.merges_for(stream)]
+        return names + (["joint"] if self.joint else [])
+
+    def reference_model(self) -> str:
+        """The model paired differences are taken against: ``aggregate.reference``, else the first Seq-FT
+        stream's final θ_T (else the first stream's θ_T, else the first model)."""
+        if self.aggregate.reference is not None:
+            return self.aggregate.reference
+        names = self.model_names()
+        plain = [s for s in self.streams if s.start == "previous" and s.regularizer == "none"]
+        for stream in plain + list(self.streams):
+            if f"{stream.name}:finetune" in names:
+                return f"{stream.name}:finetune"
+        return names[0] if names else "zero-shot"
+
+    def for_seed(self, seed: int) -> "RunConfig":
+        """The single-seed config of one seed of a multi-seed run (what ``DIR/seed-<seed>/`` runs)."""
+        return self.model_copy(update={"seed": seed, "seeds": None})
 
     def merges_for(self, stream: StreamConfig) -> list[MergeConfig]:
         if stream.merges == "all":

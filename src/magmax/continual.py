@@ -169,8 +169,9 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config keys that must match for --resume (keep_state only says what to do at the end)."""
-    return {k: v for k, v in config.items() if k != "keep_state"}
+    """The config keys that must match for --resume (keep_state only says what to do at the end; seeds
+    and aggregate belong to a multi-seed run, which compares them itself)."""
+    return {k: v for k, v in config.items() if k not in ("keep_state", "seeds", "aggregate")}
 
 
 class ContinualRun:

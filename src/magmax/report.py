@@ -37,6 +37,7 @@ METHOD_NAMES = {
 }
 REGULARIZER_NAMES = {"lwf": "LwF", "ewc": "EWC"}
 DECIMALS = 2
+SINGLE_SEED_NOTE = "One seed: no interval (`seeds: [5, 6, 7]` or `--seeds 5,6,7` gives the mean and a 95% interval over seeds)."
 
 
 def protocol_name(stream: StreamConfig) -> str:
@@ -119,7 +120,7 @@ def write_results(folder: str | Path, results: dict[str, Any]) -> None:
         for r in table:
             writer.writerow({k: _rounded(v) if k != "scale" else v for k, v in r.items()})
     os.replace(tmp, folder / "results.csv")
-    (folder / "results.md").write_text(markdown_table(results) + "\n")
+    (folder / "results.md").write_text(markdown_table(results) + "\n\n" + SINGLE_SEED_NOTE + "\n")
     write_json(folder / "results.json", results)
     try:
         plot_accuracy(results, folder / "accuracy.png")
