@@ -80,7 +80,7 @@ AGGREGATE = {
         "seq:finetune": {"label": "Seq-FT final (θ_3)", "metrics": {
             "final_accuracy": {"mean": 41.5, "std": 1.0, "ci_low": 32.5, "ci_high": 50.5, "n": 2, "values": [41, 42]},
             "average_incremental_accuracy": {"mean": 60.0, "std": 0.0, "ci_low": None, "ci_high": None, "n": 2, "values": [60, 60]},
-            "forgetting": {"mean": 50.0, "std": 1.0, "ci_low": 41.0, "ci_high": 59.0, "n": 2, "values": [49, 51]},
+            "forgetting": {"mean": 50.0, "std": 1.0, "ci_low": 45.0, "ci_high": 59.0, "n": 2, "values": [49, 51]},
             "backward_transfer": {"mean": -50.0, "std": 1.0, "ci_low": -59.0, "ci_high": -41.0, "n": 2, "values": [-51, -49]}},
             "paired": {}},
         "seq:magmax": {"label": "MagMax on Seq-FT τ", "metrics": {
@@ -133,9 +133,11 @@ def test_multi_seed_page_shows_intervals_and_paired_differences(multi_run, tmp_p
     page = build_report([multi_run], tmp_path / "out").read_text()
     assert "one seed: no interval" not in page.lower()
     assert "Mean over 2 seeds (3, 4)" in page
-    assert "66.25 [61.75, 70.75]" in page          # mean [low, high]
+    assert ">66.25 ± 4.50<" in page                 # mean ± half-width of the interval
+    assert ">-50.00 ± 9.00<" in page
+    assert ">50.00 [45.00, 59.00]<" in page          # an interval off the mean: its ends
     assert ">60.00<" in page                         # a mean without an interval is shown alone
-    assert "+24.75 [+20.25, +29.25]" in page        # paired difference against the reference
+    assert ">+24.75 ± 4.50<" in page                # paired difference against the reference
     paired = page.split("Paired differences")[1]
     assert "Seq-FT final (θ_3)" in paired.split("<tbody>")[0]  # named as the reference
     assert "<td>Seq-FT final (θ_3)</td>" not in paired        # and not a row of its own

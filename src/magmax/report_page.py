@@ -130,12 +130,17 @@ def _f(value: Any, signed: bool = False) -> str:
 
 
 def _interval(entry: dict[str, Any] | None, key: str = "mean", signed: bool = False) -> str:
-    """``mean [low, high]`` (or the mean alone where there is no interval)."""
+    """``mean ± half-width`` for an interval centred on the mean, ``mean [low, high]`` for another one, the
+    mean alone where there is no interval."""
     if not entry or entry.get(key) is None:
         return "–"
-    if entry.get("ci_low") is None or entry.get("ci_high") is None:
-        return _f(entry[key], signed)
-    return f"{_f(entry[key], signed)} [{_f(entry['ci_low'], signed)}, {_f(entry['ci_high'], signed)}]"
+    mean, low, high = entry[key], entry.get("ci_low"), entry.get("ci_high")
+    if low is None or high is None:
+        return _f(mean, signed)
+    half = (high - low) / 2
+    if abs((low + high) / 2 - mean) <= 1e-9 * max(1.0, abs(mean)):
+        return f"{_f(mean, signed)} ± {_f(half)}"
+    return f"{_f(mean, signed)} [{_f(low, signed)}, {_f(high, signed)}]"
 
 
 def _slug(text: str) -> str:
@@ -231,8 +236,9 @@ def _tables(page: Page, src: RunSource) -> None:
     agg = src.aggregate or {}
     conf = agg.get("confidence", 0.95)
     n = len(agg.get("seeds", []))
-    page.text("p", f"Mean over {n} seeds ({', '.join(str(s) for s in agg.get('seeds', []))}) with its "
-              f"{conf:.0%} confidence interval [low, high]; accuracies in %.", "note")
+    page.text("p", f"Mean over {n} seeds ({', '.join(str(s) for s in agg.get('seeds', []))}) ± the half-width of "
+              f"its {conf:.0%} confidence interval ([low, high] where the interval is not centred on the mean); "
+              "accuracies in %.", "note")
     rows = []
     for name, m in agg["models"].items():
         rows.append([m.get("label", name), *(_interval(m["metrics"].get(k)) for k, _ in METRICS)])
