@@ -460,3 +460,50 @@ def test_sigterm_marks_the_run_interrupted_and_says_how_to_resume(image_root, tm
     assert "interrupted by SIGTERM" in (out / "log.txt").read_text()
     last = err.strip().splitlines()[-1]
     assert "SIGTERM" in last and f"--out {out} --resume" in last and f"magmax run {path}" in last
+
+
+def test_checkpoints_hold_theta0_and_the_lambda_sweep_is_stored(image_root, tmp_path):
+    """save_checkpoints writes θ0 beside θ_t; MagMax replayed on them gives the saved merged model; the λ
+    sweep evaluates the final merge at each λ (its λ = the merge's own gives the merge's own numbers)."""
+    from safetensors.torch import load_file
+
+    from magmax.analysis import magmax_winner
+    from magmax.taskvector import apply_task_vector
+
+    cfg = validate_config(raw_config(
+        image_root, streams=[{"name": "seq"}], save_checkpoints=True,
+        merges=[{"method": "magmax", "lambdas": [0.25, 0.5, 1.0]}, {"method": "average"}],
+    ))
+    out = tmp_path / "run"
+    run = ContinualRun(cfg, out)
+    results = run.run()
+    ck = out / "checkpoints"
+    theta0 = load_file(str(ck / "theta0.safetensors"))
+    assert theta0.keys() == run.theta0.keys() and all(torch.equal(theta0[k], run.theta0[k]) for k in theta0)
+    thetas = [load_file(str(ck / f"seq-task{t}.safetensors")) for t in (1, 2, 3)]
+    tau = {}
+    for key, base in theta0.items():
+        if base.is_floating_point():
+            taus = torch.stack([th[key].float() - base.float() for th in thetas]).reshape(3, -1)
+            tau[key] = taus.gather(0, magmax_winner(list(taus))[None])[0].reshape(base.shape)
+    replayed = apply_task_vector(theta0, tau, 0.5)
+    merged = load_file(str(ck / "seq-magmax-final.safetensors"))
+    assert all(torch.equal(replayed[k], merged[k]) for k in merged)
+    mm = results["models"]["seq:magmax"]
+    assert [e["scale"] for e in mm["lambda_sweep"]] == [0.25, 0.5, 1.0]
+    at_own = mm["lambda_sweep"][1]
+    assert at_own["final_accuracy"] == pytest.approx(mm["metrics"]["final_accuracy"])
+    assert at_own["per_task"] == mm["rows"][-1]
+    assert "lambda_sweep" not in results["models"]["seq:average"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["models"]["seq:magmax"]["lambda_sweep"] == mm["lambda_sweep"]
+    assert "(λ 1)" in (out / "log.txt").read_text()
+
+
+def test_lambdas_must_be_a_non_empty_list_of_numbers(image_root):
+    from magmax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="merges.0.lambdas"):
+        validate_config(raw_config(image_root, merges=[{"method": "magmax", "lambdas": []}]))
+    with pytest.raises(ConfigError, match="lambdas must be finite"):
+        validate_config(raw_config(image_root, merges=[{"method": "magmax", "lambdas": [0.5, float("nan")]}]))

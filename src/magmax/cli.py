@@ -19,7 +19,7 @@ LIST_METHODS_TABLE_WIDTH = 150
 
 @app.callback()
 def _root() -> None:
-    """Continual learning by model merging: `magmax merge`, `magmax run`, `magmax demo`, `magmax list-methods`."""
+    """Continual learning by model merging: `magmax merge`, `magmax run`, `magmax demo`, `magmax report`, `magmax list-methods`."""
 
 
 @app.command("list-methods")
@@ -52,6 +52,7 @@ def list_methods() -> None:
 def _register_subcommands() -> None:
     # Imported for their side effect: each module adds its command(s) to ``app``.
     import magmax.cli_merge  # noqa: F401
+    import magmax.cli_report  # noqa: F401
     import magmax.cli_run  # noqa: F401
 
 

@@ -8,6 +8,7 @@ types are one-line :class:`~magmax.errors.ConfigError` messages naming the dotte
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import typing
 from pathlib import Path
@@ -83,6 +84,12 @@ class MergeConfig(StrictModel):
         description="ties (global threshold): rank the trained weights only, or the whole model's τ with a "
         "frozen tower's zeros counted (the MagMax reference: ~35% of CLIP's vision weights kept at k = 20%)",
     )
+    lambdas: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="after the last task, also evaluate the merged model at each of these scaling coefficients λ "
+        "(results.json: lambda_sweep; `magmax report` plots accuracy against λ)",
+    )
 
     @property
     def name(self) -> str:
@@ -96,6 +103,8 @@ class MergeConfig(StrictModel):
             method = create_method(self.method, **self.options)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        if self.lambdas is not None and not all(math.isfinite(v) for v in self.lambdas):
+            raise ValueError(f"lambdas must be finite numbers, got {self.lambdas}")
         if self.population == "whole_model":
             if getattr(method.options, "threshold", None) != "global":
                 raise ValueError(f"population: whole_model counts a frozen tower into a global top-k ranking; "

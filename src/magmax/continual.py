@@ -232,6 +232,8 @@ class ContinualRun:
         for stream in cfg.streams:
             done = self.progress["streams"].get(stream.name, {}).get("completed", 0)
             per_task_evals = int(stream.evaluate_finetuned) + len(cfg.merges_for(stream))
+            if done < len(self.tasks):
+                evals += sum(len(m.lambdas or []) for m in cfg.merges_for(stream))
             for t in range(done, len(self.tasks)):
                 tc = self.train_config(t)
                 steps += steps_per_task(len(self.tasks[t].train), tc.batch_size, tc.epochs, tc.steps)
@@ -284,12 +286,12 @@ class ContinualRun:
         }
         return model_label(name, entry, len(self.tasks), after_task)
 
-    def eval_current(self, name: str, after_task: int | None = None) -> EvalResult:
+    def eval_current(self, name: str, after_task: int | None = None, note: str = "") -> EvalResult:
         res = evaluate(self.backbone, self.evalset, self.head_all, self.class_ids, self.cfg.train.eval_batch_size, self.device, self.cfg.train.precision)
         if self.clock is not None:
             self.clock.evaluated()
         per_task = " ".join(f"{a:.1f}" for a in res.per_task)
-        self._line(f"  eval {self.label(name, after_task)}: all {res.overall:.2f} | per task {per_task} | {self._timing()}")
+        self._line(f"  eval {self.label(name, after_task)}{f' ({note})' if note else ''}: all {res.overall:.2f} | per task {per_task} | {self._timing()}")
         if self.hooks.on_eval:
             self.hooks.on_eval(name, res)
         return res
@@ -357,6 +359,8 @@ class ContinualRun:
                 self.dir.path / "provenance.json",
                 provenance(cfg.seed, self.theta0, self.data_info, cfg.backbone.model_dump(mode="json")),
             )
+        if cfg.save_checkpoints:  # θ0 beside θ_t: what the task vectors (and `magmax report`'s analyses) need
+            self._save_checkpoint(self.theta0, "theta0")
         self.log.info(f"{len(self.tasks)} tasks: " + "; ".join(f"{t.name} ({len(t.train)} train / {len(t.test)} test)" for t in self.tasks))
         if cfg.zero_shot and self.progress["zero_shot"] is None:
             self._phase("evaluating the pre-trained model (zero-shot)")
@@ -392,6 +396,7 @@ class ContinualRun:
         done = entry["completed"]
         if done == len(self.tasks):
             return
+        merge_configs = {m.name: m for m in merges}
         mergers = {m.name: Merger(m.method, self.theta0, **merge_options(m, self.backbone)) for m in merges}
         regularizer = make_regularizer(stream)
         if done > 0:
@@ -434,6 +439,12 @@ class ContinualRun:
                 if cfg.save_checkpoints and t == len(self.tasks) - 1:
                     self._save_checkpoint(merged, f"{stream.name}-{label}-final")
                 del merged
+                lambdas = merge_configs[label].lambdas
+                if lambdas and t == len(self.tasks) - 1:  # the λ sweep of the final merge (opt-in: evaluations cost)
+                    sweep = entry.setdefault("sweeps", {})[name] = []
+                    for lam in lambdas:
+                        self.load_encoder(distributed.from_main(lambda: merger.merged(scale=lam)))  # noqa: B023 (called at once)
+                        sweep.append({"scale": lam, **self.eval_current(name, t + 1, f"λ {lam:g}").to_json()})
             self.load_encoder(theta_t)
             if cfg.save_checkpoints:
                 self._save_checkpoint(theta_t, f"{stream.name}-task{t + 1}")
@@ -472,6 +483,7 @@ class ContinualRun:
             zs = self.progress["zero_shot"]
             models[ZERO_SHOT] = {"kind": "zero-shot", "rows": [zs["per_task"]], "overall": [zs["overall"]], "task_aware": [zs["per_task_aware"]]}
         for stream in self.cfg.streams:
+            sweeps = self.progress["streams"].get(stream.name, {}).get("sweeps", {})
             for name, rows in self.progress["streams"].get(stream.name, {}).get("rows", {}).items():
                 what = name.split(":", 1)[1]
                 merge = next((m for m in self.cfg.merges if m.name == what), None)
@@ -485,6 +497,12 @@ class ContinualRun:
                     "overall": [r["overall"] for r in rows],
                     "task_aware": [r["per_task_aware"] for r in rows],
                 }
+                if name in sweeps:
+                    models[name]["lambda_sweep"] = [
+                        {"scale": r["scale"], "final_accuracy": float(np.mean(r["per_task_aware"])) if task_aware else r["overall"],
+                         "per_task": r["per_task"], "per_task_aware": r["per_task_aware"]}
+                        for r in sweeps[name]
+                    ]
         if self.progress["joint"] is not None:
             j = self.progress["joint"]
             models[JOINT] = {"kind": "joint", "rows": [j["per_task"]], "overall": [j["overall"]], "task_aware": [j["per_task_aware"]]}

@@ -42,13 +42,15 @@ def average_incremental_accuracy(acc: np.ndarray, sizes: np.ndarray) -> float:
     return float(np.mean([seen_accuracy(acc, sizes, i) for i in range(acc.shape[0])]))
 
 
+def forgetting_per_task(acc: np.ndarray) -> list[float]:
+    """max_{j≤l<T−1} A[l, j] − A[T−1, j] for every task j < T−1 (empty for T = 1); their mean is the forgetting."""
+    last = acc.shape[0] - 1
+    return [float(acc[j:last, j].max() - acc[last, j]) for j in range(last)]
+
+
 def forgetting(acc: np.ndarray) -> float | None:
-    steps = acc.shape[0]
-    if steps < 2:
-        return None
-    last = steps - 1
-    drops = [acc[j:last, j].max() - acc[last, j] for j in range(last)]
-    return float(np.mean(drops))
+    drops = forgetting_per_task(acc)
+    return float(np.mean(drops)) if drops else None
 
 
 def backward_transfer(acc: np.ndarray) -> float | None:

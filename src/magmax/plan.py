@@ -181,6 +181,8 @@ def print_plan(cfg: RunConfig, console: Console) -> None:
         method = create_method(m.method, **m.options)
         if m.method == "ties":
             console.print(f"merge {m.name}: {ties_population(cfg, m, method)}", markup=False)
+        if m.lambdas:
+            console.print(f"merge {m.name}: after the last task also evaluated at λ = {', '.join(f'{v:g}' for v in m.lambdas)}", markup=False)
     extras = [x for x, on in (("zero-shot", cfg.zero_shot), ("joint", cfg.joint)) if on]
     console.print(f"also: {', '.join(extras) or '-'}; data root: {cfg.resolved_data_root() or '(reader default)'}", markup=False)
     named = [t.class_names if t.class_names is not None else [str(c) for c in t.classes] for t in tasks]

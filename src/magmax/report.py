@@ -178,29 +178,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
-    """Accuracy on the tasks seen so far after each task, one line per model."""
-    import matplotlib
+    """Accuracy on the tasks seen so far after each task, one line per model (:mod:`magmax.plots` conventions)."""
+    from magmax.plots import accuracy_curves, draw_accuracy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    sizes = np.asarray(results["test_sizes"], dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, m in results["models"].items():
-        acc = np.asarray(m["rows"], dtype=float)
-        if acc.shape[0] == 1 and len(sizes) > 1:
-            ax.axhline(m["metrics"]["final_accuracy"], linestyle=":", color="grey" if name == "zero-shot" else "black", label=label_of(name, m, results))
-            continue
-        seen = [(acc[i, : i + 1] * sizes[: i + 1]).sum() / sizes[: i + 1].sum() for i in range(acc.shape[0])]
-        ax.plot(range(1, len(seen) + 1), seen, marker="o", label=label_of(name, m, results))
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("accuracy on seen tasks (%)")
-    ax.set_title(results["name"])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    ylabel = "task-aware accuracy on seen tasks (%)" if results.get("headline", "").startswith("task-aware") else None
+    draw_accuracy(accuracy_curves(results), len(results["test_sizes"]), results["name"], path, ylabel)

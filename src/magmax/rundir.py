@@ -11,7 +11,7 @@ Layout::
     DIR/results.json       all accuracy matrices and metrics — written only when the run completes
     DIR/results.csv        one row per model (its label, metrics and final per-task accuracies, 2 decimals)
     DIR/results.md         the results table in Markdown (2 decimals)
-    DIR/checkpoints/       optional safetensors of θ_t and merged models
+    DIR/checkpoints/       optional safetensors of θ0, θ_t and merged models
 
 A directory without ``status: complete`` is never presented as a finished run.
 """
