@@ -239,7 +239,7 @@ def test_force_replaces_an_existing_output(cli, tmp_path, models):
     (out / "stale.txt").write_text("old")
     code, _, stderr = cli("--base", base_path, *ft_paths, "-o", out, "--force")
     assert code == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "magmax_recipe.yaml", "model.safetensors"]
     assert_bit_equal(load_output(out), magmax.merge("magmax", base, fts))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 

@@ -2,6 +2,7 @@
 
     magmax merge --method magmax --base BASE FT1 FT2 … -o OUT [--scale 0.5] [--device cpu|cuda]
                  [--dtype float32|bfloat16|float16] [--option key=value …] [--shard-size 2GB] [--force]
+                 [--vocab base|N] [--keep-extra]
     magmax merge config.yaml [flags that override the file]
 
 The merge streams tensor by tensor (:class:`magmax.engine.MergeRun` over lazy readers, a sharded writer
@@ -35,10 +36,12 @@ from magmax.checkpoints import (
 )
 from magmax.cli import app
 from magmax.engine import MergeRun, MergeStats, TensorMeta, TensorWriter
+from magmax.hf_quirks import Alignment, align_inputs
 from magmax.errors import ConfigError, MergeInputError
 from magmax.memory import format_bytes, peak_rss_bytes, return_large_buffers_to_the_os
 from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
 from magmax.merging import _fused
+from magmax.model_card import describe_output
 from magmax.taskvector import check_finite
 from magmax.termination import sigterm_unwinds
 
@@ -91,6 +94,28 @@ class FiniteOutputWriter:
         self.writer.replace(key, tensor)
 
 
+class AlignedOutputWriter:
+    """Writes the engine's tensors under the output's names, with the vocabulary rows beyond the merged
+    ones appended (:class:`magmax.hf_quirks.Alignment`)."""
+
+    def __init__(self, writer: TensorWriter, alignment: Alignment):
+        self.writer = writer
+        self.alignment = alignment
+
+    def _out(self, key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        tail = self.alignment.tails.get(key)
+        if tail is not None:
+            rows = tail.reader.get(tail.key)[tail.start : tail.stop].to(tensor.device, tensor.dtype)
+            tensor = torch.cat([tensor, rows])
+        return self.alignment.out_name(key), tensor
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self.writer.write(*self._out(key, tensor))
+
+    def replace(self, key: str, tensor: torch.Tensor) -> None:
+        self.writer.replace(*self._out(key, tensor))
+
+
 class CheckpointMerge:
     """One configured merge of checkpoint files: opens everything on ``with``, :meth:`run` writes OUT.
 
@@ -115,7 +140,9 @@ class CheckpointMerge:
             )
             self.base = self._open(config.base)
             finetuned = [self._open(path) for path in config.models]
-            self.engine = MergeRun(method, self.base, finetuned, device=device, out_dtype=config.torch_dtype)
+            self.alignment = align_inputs(self.base, finetuned, vocab=config.vocab, keep_extra=config.keep_extra)
+            self.engine = MergeRun(method, self.alignment.base, self.alignment.finetuned, device=device,
+                                   out_dtype=config.torch_dtype)
         except BaseException as exc:
             self._stack.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -129,18 +156,24 @@ class CheckpointMerge:
 
     @property
     def tensor_count(self) -> int:
-        return len(self.engine.keys)
+        return len(self.engine.keys) + len(self.alignment.extras)
 
     def _planned_outputs(self) -> list[tuple[str, TensorMeta]]:
         # The engine casts merged (floating-point) tensors to out_dtype and copies the rest from the base.
         out_dtype = self.config.torch_dtype
         merged = set(self.engine.float_keys)
         entries = []
+        alignment = self.alignment
         for key in self.engine.keys:
-            meta = self.base.meta(key)
+            meta = alignment.out_meta(key, self.engine.base.meta(key))
             if out_dtype is not None and key in merged:
                 meta = TensorMeta(meta.shape, out_dtype)
-            entries.append((key, meta))
+            entries.append((alignment.out_name(key), meta))
+        for name, reader, key in alignment.extras:
+            meta = reader.meta(key)
+            if out_dtype is not None and meta.dtype.is_floating_point:
+                meta = TensorMeta(meta.shape, out_dtype)
+            entries.append((name, meta))
         return entries
 
     def _provenance(self) -> str:
@@ -154,6 +187,10 @@ class CheckpointMerge:
                 "base": str(self.config.base),
                 "models": [str(p) for p in self.config.models],
                 "dtype": self.config.dtype,
+                "weights": getattr(self.engine.method.options, "weights", None),
+                "vocab": self.config.vocab,
+                "keep_extra": self.config.keep_extra,
+                "mapped": self.alignment.summary,
             }
         )
 
@@ -170,16 +207,35 @@ class CheckpointMerge:
         try:
             # Reads reuse the buffers of tensors the merge is done with: at most a group of inputs, θ0
             # and a little slack are alive at once (fresh pages cost as much as the reads themselves).
-            checked = FiniteOutputWriter(writer, self.engine.float_keys, self.engine.method.scale)
+            named = AlignedOutputWriter(writer, self.alignment)
+            checked = FiniteOutputWriter(named, self.engine.float_keys, self.engine.method.scale)
             with recycled_read_buffers(largest, _fused.GROUP + 2):
                 stats = self.engine.run(checked, progress)
+                self._write_extras(writer, stats, progress)
             writer.close()
         finally:
             writer.abort()
-        if self.base.model_folder is not None and not config.single_file:
-            copy_model_files(self.base.model_folder, self.output.folder)
+        if not config.single_file:
+            if self.base.model_folder is not None:
+                copy_model_files(self.base.model_folder, self.output.folder)
+            describe_output(self.output.folder, config, method=self.engine.method, alignment=self.alignment,
+                            tensors=stats.tensors)
         self.output.commit()
         return stats
+
+
+    def _write_extras(self, writer: TensorWriter, stats: MergeStats, progress: ProgressCallback | None) -> None:
+        """Tensors the base lacks, copied unmerged (``keep_extra``), floating ones cast to ``--dtype``."""
+        out_dtype = self.config.torch_dtype
+        for name, reader, key in self.alignment.extras:
+            tensor = reader.get(key)
+            if out_dtype is not None and tensor.dtype.is_floating_point:
+                tensor = tensor.to(out_dtype)
+            writer.write(name, tensor)
+            stats.tensors += 1
+            stats.parameters += tensor.numel()
+            if progress is not None:
+                progress(name, tensor.numel())
 
 
 def merge_checkpoints(config: MergeConfig, progress: ProgressCallback | None = None) -> MergeStats:
@@ -262,6 +318,10 @@ def merge_command(
         str | None, typer.Option("--shard-size", help=_help("shard_size"), metavar="SIZE", show_default=False)
     ] = None,
     force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    vocab: Annotated[
+        str | None, typer.Option("--vocab", help=_help("vocab"), metavar="base|N", show_default=False)
+    ] = None,
+    keep_extra: Annotated[bool, typer.Option("--keep-extra", help=_help("keep_extra"))] = False,
 ) -> None:
     """Merge fine-tuned checkpoints onto their base, tensor by tensor, into OUT."""
     # Values stay strings here: the one pydantic model parses and validates them, for YAML and CLI alike.
@@ -274,11 +334,15 @@ def merge_command(
         "dtype": dtype,
         "shard_size": shard_size,
         "force": True if force else None,
+        "vocab": vocab,
+        "keep_extra": True if keep_extra else None,
     }
     config = _config_from_cli(inputs or [], flags, option or [])
     console = Console(stderr=True)
     start = time.perf_counter()
     with CheckpointMerge(config) as merge:
+        for note in merge.alignment.notes:  # what was adjusted to fit the inputs together, one line each
+            typer.echo(note, err=True)
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magmax.errors import ConfigError
-from magmax.merging.base import MergeMethod, create_method
+from magmax.merging.base import MergeMethod, create_method, get_method_class
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_SIZE = 2_000_000_000
@@ -36,6 +37,9 @@ CLI_FLAGS: dict[str, str] = {
     "options": "--option key=value",
     "shard_size": "--shard-size",
     "force": "--force",
+    "vocab": "--vocab",
+    "keep_extra": "--keep-extra",
+    "weights": "--option weights=[w1,w2,…]",
 }
 
 _SIZE_UNITS = {
@@ -97,6 +101,27 @@ class MergeConfig(BaseModel):
     )
     shard_size: int = Field(DEFAULT_SHARD_SIZE, description="largest output shard, e.g. 2GB, 500MB, 1GiB")
     force: bool = Field(False, description="replace OUT if it exists")
+    vocab: str | None = Field(
+        None,
+        pattern=r"^(base|[1-9][0-9]*)$",
+        description="vocabularies of different sizes: the output's rows and tokenizer from the base ('base') or "
+        "from fine-tuned model N (1-based); the rows all inputs have are merged",
+    )
+    keep_extra: bool = Field(
+        False,
+        description="copy tensors the base lacks (a task head) unmerged from the first model that has them; the "
+        "output takes that model's key names and config.json",
+    )
+    weights: list[float] | None = Field(
+        None, description="per-model weights w_1..w_T (task_arithmetic, ties, dare, breadcrumbs, consensus)"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and not all(math.isfinite(w) for w in weights):
+            raise ValueError("weights must be finite numbers")
+        return weights
 
     @field_validator("models")
     @classmethod
@@ -115,7 +140,18 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _method_and_options_exist(self) -> MergeConfig:
-        self.create_method()  # raises ConfigError (one line) for an unknown method or option
+        method = self.create_method()  # raises ConfigError (one line) for an unknown method or option
+        weights = getattr(method.options, "weights", None)
+        if weights is not None and len(weights) != len(self.models):
+            raise ConfigError(
+                f"weights: {len(weights)} given for {len(self.models)} fine-tuned model(s); give one per model, "
+                "in the order of the models"
+            )
+        if self.vocab not in (None, "base") and int(self.vocab) > len(self.models):
+            raise ConfigError(
+                f"--vocab {self.vocab}: there are {len(self.models)} fine-tuned models; give base or "
+                f"1..{len(self.models)}"
+            )
         return self
 
     def create_method(self) -> MergeMethod:
@@ -125,6 +161,18 @@ class MergeConfig(BaseModel):
             if "scale" in options:
                 raise ConfigError("scale given twice (as scale and as options.scale / --option scale=); keep one")
             options["scale"] = self.scale
+        if self.weights is not None:
+            if "weights" in options:
+                raise ConfigError("weights given twice (as weights and as options.weights / --option weights=); keep one")
+            options["weights"] = self.weights
+        if options.get("weights") is not None:
+            from magmax.merging._weights import WeightedOptions
+
+            if not issubclass(get_method_class(self.method).Options, WeightedOptions):
+                raise ConfigError(
+                    f"weights: method '{self.method}' takes no per-model weights; the methods that do: "
+                    "task_arithmetic, ties, dare, breadcrumbs, consensus"
+                )
         return create_method(self.method, **options)
 
     @property

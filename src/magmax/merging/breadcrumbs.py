@@ -52,13 +52,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from magmax.merging import _fused, _native
+from magmax.merging import _fused, _native, _weights
 from magmax.merging._threshold import tensor_magnitude_ranks
 from magmax.merging.base import MergeMethod, MethodOptions, TaskSlices, register
 from magmax.taskvector import add_scaled
 
 
-class BreadcrumbsOptions(MethodOptions):
+class BreadcrumbsOptions(_weights.WeightedOptions):
     bottom: float = Field(0.85, ge=0, lt=1, description="fraction of smallest magnitudes masked per tensor (β)")
     top: float = Field(0.007, ge=0, lt=1, description="fraction of largest magnitudes masked per tensor (1 − γ)")
     ties: Literal["exact", "keep"] = Field(
@@ -127,12 +127,19 @@ class Breadcrumbs(MergeMethod):
     def result(self, state: Tensor, key: str) -> Tensor:
         return state
 
+    def __init__(self, options: MethodOptions | None = None):
+        super().__init__(options)
+        _weights.use_plain_kernels(self)
+
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        if _weights.weighted(self):
+            weights = _weights.weights_for(self, len(slices))
+            return _weights.weighted_sum(slices, weights, lambda tau, t: self._sparsified(tau))
         merged = self._native_fold(slices, None)
         return merged if merged is not None else super().merge_tensor(key, slices)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        return self._native_fold(slices, scale) if slices.base is not None else None
+        return self._native_fold(slices, scale) if slices.base is not None and not _weights.weighted(self) else None
 
     def bounds(self, base: Tensor | None, inputs: list[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(low_t, high_t) of every input's band (float32; −inf / +inf where that side masks nothing), and

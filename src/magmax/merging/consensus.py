@@ -36,14 +36,14 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from magmax.merging import _fused, _native
+from magmax.merging import _fused, _native, _weights
 from magmax.merging._subspace import sum_slices
 from magmax.merging.base import MergeMethod, MethodOptions, TaskSlices, register
 from magmax.merging.task_arithmetic import sum_kernel
 from magmax.taskvector import add_scaled
 
 
-class ConsensusOptions(MethodOptions):
+class ConsensusOptions(_weights.WeightedOptions):
     tall_mask_lambda: float = Field(default=0.6, ge=0.0)
     """λ_m of the TALL masks: task t keeps p when |τ_t[p]| > λ_m·|τ_MTL[p] − τ_t[p]|."""
 
@@ -73,11 +73,20 @@ class Consensus(MergeMethod):
     # The native kernel counts finite sums of every τ_t it forms; where it does not run, the engine checks.
     folds_natively = True
 
+    def __init__(self, options: MethodOptions | None = None):
+        super().__init__(options)
+        _weights.use_plain_kernels(self)
+
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        if _weights.weighted(self):
+            weighted = _weights.WeightedSlices(slices, _weights.weights_for(self, len(slices)))
+            return consensus_merge(weighted, self.options.tall_mask_lambda, self.options.k)
         merged = self._native(slices, None) if _native.enabled() else None
         return merged if merged is not None else consensus_merge(slices, self.options.tall_mask_lambda, self.options.k)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        if _weights.weighted(self):
+            return None
         return self._native(slices, scale) if _native.enabled() and slices.base is not None else None
 
     def _native(self, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:

@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from magmax.merging import _fused, _native
+from magmax.merging import _fused, _native, _weights
 from magmax.merging._sparsify import (
     ConsensusState,
     consensus_init,
@@ -52,7 +52,7 @@ from magmax.merging.random import hash_draws, spread_indices
 from magmax.merging.ties import Ties
 
 
-class DareOptions(MethodOptions):
+class DareOptions(_weights.WeightedOptions):
     p: float = Field(0.5, ge=0, lt=1, description="probability of dropping each task-vector entry")
     seed: int = Field(0, description="seed of the drops (per tensor and task)")
     combine: Literal["sum", "ties"] = Field(
@@ -113,6 +113,7 @@ class Dare(MergeMethod):
         # The sum's numba fold forms every τ_t and counts the finite ones (as the other sums do).
         self.folds_natively = self.options.combine == "sum"
         self._majority: int | None = None
+        _weights.use_plain_kernels(self)
 
     @property
     def scale(self) -> float:
@@ -153,11 +154,17 @@ class Dare(MergeMethod):
         return consensus_result(state, self._majority)
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        if _weights.weighted(self):
+            weights = _weights.weights_for(self, len(slices))
+            dropped = lambda tau, t: self._dropped(tau, t, key)  # noqa: E731
+            if self.options.combine == "sum":
+                return _weights.weighted_sum(slices, weights, dropped)
+            return _weights.weighted_disjoint_mean(slices, weights, dropped)
         if self.options.combine == "sum":
             return _fused.fold_slices(dare_kernel, slices, self._params(key))
         return super().merge_tensor(key, slices)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        if self.options.combine == "sum" and slices.base is not None:
+        if self.options.combine == "sum" and slices.base is not None and not _weights.weighted(self):
             return _fused.fold_slices(dare_kernel, slices, self._params(key), scale=scale)
         return None

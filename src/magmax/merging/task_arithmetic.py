@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from magmax.merging import _fused, _native
+from magmax.merging import _fused, _native, _weights
 from magmax.merging._kernel_fold import KernelFold
-from magmax.merging.base import register
+from magmax.merging.base import MethodOptions, TaskSlices, register
 
 
 @_fused.native(_native.sum_group, gpu="sum")
@@ -43,3 +43,21 @@ class TaskArithmetic(KernelFold):
     kernel = staticmethod(sum_kernel)
     default_scale = 0.3
     key_independent = True
+    Options = _weights.WeightedOptions
+
+    def __init__(self, options: MethodOptions | None = None):
+        super().__init__(options)
+        _weights.use_plain_kernels(self)
+
+    def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
+        if _weights.weighted(self):
+            return _weights.weighted_sum(slices, _weights.weights_for(self, len(slices)))
+        return super().merge_tensor(key, slices)
+
+    def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
+        return None if _weights.weighted(self) else super().merge_into_base(key, slices, scale)
+
+    def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        if _weights.weighted(self):
+            return [self.merge_tensor(key, s) for key, s in zip(keys, slices)]
+        return super().merge_tensors(keys, slices)

@@ -54,7 +54,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from magmax.merging import _fused, _gpu, _gpu_ties, _native
+from magmax.merging import _fused, _gpu, _gpu_ties, _native, _weights
 from magmax.merging._sparsify import (
     ConsensusState,
     consensus_init,
@@ -79,7 +79,7 @@ from magmax.merging.base import (
 from magmax.taskvector import combine
 
 
-class TiesOptions(MethodOptions):
+class TiesOptions(_weights.WeightedOptions):
     k: float = Field(
         0.2,
         gt=0,
@@ -145,6 +145,7 @@ class Ties(MergeMethod):
         self._provisional: list[str] = []
         self._guess = 1  # the majority sign a deferred merge assumes (from the thresholds' sample)
         self._scratch: np.ndarray | None = None
+        _weights.use_plain_kernels(self)
 
     # -- statistics ------------------------------------------------------------------------------------
     def observe_task(self, t: int, tensors: TensorStream) -> None:
@@ -196,11 +197,13 @@ class Ties(MergeMethod):
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
         """τ* of one tensor; before the majority sign is known (deferred), on a guess of it."""
+        if _weights.weighted(self):
+            return _weights.weighted_disjoint_mean(slices, _weights.weights_for(self, len(slices)), self._trimmed)
         return self._merged(key, slices, None)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
         """θ0 + scale·τ*: written by the fused CPU pass where it runs, else added after the torch fold."""
-        if slices.base is None or not _native.enabled() or not _native.can_add_base(True):
+        if _weights.weighted(self) or slices.base is None or not _native.enabled() or not _native.can_add_base(True):
             return None
         return self._merged(key, slices, scale)
 
@@ -226,7 +229,7 @@ class Ties(MergeMethod):
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         """All tensors at once on a GPU when their inputs are all in GPU memory (``_gpu_ties``), else key by key."""
-        merged = self._gpu_merge(keys, slices)
+        merged = None if _weights.weighted(self) else self._gpu_merge(keys, slices)
         return merged if merged is not None else super().merge_tensors(keys, slices)
 
     def _gpu_merge(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
