@@ -2,7 +2,11 @@
 
     magmax merge --method magmax --base BASE FT1 FT2 … -o OUT [--scale 0.5] [--device cpu|cuda]
                  [--dtype float32|bfloat16|float16] [--option key=value …] [--shard-size 2GB] [--force]
+                 [--output-format safetensors|lora --rank R]
     magmax merge config.yaml [flags that override the file]
+
+BASE and FT may be Hugging Face Hub ids (magmax.hub); an FT may be a PEFT LoRA adapter folder
+(magmax.lora); ``--output-format lora`` writes the merged update as a LoRA adapter (magmax.lora_export).
 
 The merge streams tensor by tensor (:class:`magmax.engine.MergeRun` over lazy readers, a sharded writer
 writing as it goes), so memory stays a few copies of the largest tensor whatever the number and size
