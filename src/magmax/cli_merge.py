@@ -2,8 +2,11 @@
 
     magmax merge --method magmax --base BASE FT1 FT2 … -o OUT [--scale 0.5] [--device cpu|cuda]
                  [--dtype float32|bfloat16|float16] [--option key=value …] [--shard-size 2GB] [--force]
-                 [--vocab base|N] [--keep-extra]
+                 [--vocab base|N] [--keep-extra] [--output-format safetensors|lora --rank R]
     magmax merge config.yaml [flags that override the file]
+
+BASE and FT may be Hugging Face Hub ids (magmax.hub); an FT may be a PEFT LoRA adapter folder
+(magmax.lora); ``--output-format lora`` writes the merged update as a LoRA adapter (magmax.lora_export).
 
 The merge streams tensor by tensor (:class:`magmax.engine.MergeRun` over lazy readers, a sharded writer
 writing as it goes), so memory stays a few copies of the largest tensor whatever the number and size
@@ -34,6 +37,7 @@ from magmax.checkpoints import (
     recycled_read_buffers,
     tensor_nbytes,
 )
+from magmax import hub, lora, lora_export
 from magmax.cli import app
 from magmax.engine import MergeRun, MergeStats, TensorMeta, TensorWriter
 from magmax.hf_quirks import Alignment, align_inputs
@@ -135,14 +139,19 @@ class CheckpointMerge:
             device = resolve_device(config.device)
             # Entered first, so left last: a SIGTERM unwinds through the removal of the partial output.
             self._stack.enter_context(sigterm_unwinds())
+            # Hub ids become their snapshot folders (downloaded, or from the cache offline): magmax.hub.
+            base_path, model_paths = hub.resolve(config.base), [hub.resolve(path) for path in config.models]
             self.output = self._stack.enter_context(
-                AtomicOutput(config.output, force=config.force, inputs=[config.base, *config.models])
+                AtomicOutput(config.output, force=config.force, inputs=[base_path, *model_paths])
             )
-            self.base = self._open(config.base)
-            finetuned = [self._open(path) for path in config.models]
+            self.base = self._open(lora.check_base(base_path))
+            # A PEFT LoRA adapter folder reads as θ0 + ΔW over its own reader of the base: magmax.lora.
+            finetuned = [self._stack.enter_context(lora.open_input(path, base_path)) for path in model_paths]
             self.alignment = align_inputs(self.base, finetuned, vocab=config.vocab, keep_extra=config.keep_extra)
+            # A LoRA output factors Δ = θ − θ0, taken from a float32 θ (the output dtype is the factors').
+            out_dtype = torch.float32 if config.output_format == "lora" else config.torch_dtype
             self.engine = MergeRun(method, self.alignment.base, self.alignment.finetuned, device=device,
-                                   out_dtype=config.torch_dtype)
+                                   out_dtype=out_dtype)
         except BaseException as exc:
             self._stack.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -196,6 +205,8 @@ class CheckpointMerge:
 
     def run(self, progress: ProgressCallback | None = None) -> MergeStats:
         config = self.config
+        if config.output_format == "lora":
+            return self._run_lora(progress)
         return_large_buffers_to_the_os()  # keeps peak RSS to the tensors alive (see its docstring)
         writer = ShardedSafetensorsWriter(
             self.output.folder,
@@ -236,6 +247,18 @@ class CheckpointMerge:
             stats.parameters += tensor.numel()
             if progress is not None:
                 progress(name, tensor.numel())
+
+    def _run_lora(self, progress: ProgressCallback | None) -> MergeStats:
+        """The merged update as a PEFT LoRA adapter of rank ``config.rank`` (magmax.lora_export)."""
+        config = self.config
+        assert config.rank is not None
+        targets, _ = lora_export.plan_targets(self.base, self.engine.float_keys)
+        self.lora_writer = lora_export.LoraExportWriter(self.base, targets, config.rank, config.torch_dtype)
+        checked = FiniteOutputWriter(self.lora_writer, self.engine.float_keys, self.engine.method.scale)
+        stats = self.engine.run(checked, progress)
+        self.lora_writer.save(self.output.folder, str(config.base), self._provenance())
+        self.output.commit()
+        return stats
 
 
 def merge_checkpoints(config: MergeConfig, progress: ProgressCallback | None = None) -> MergeStats:
@@ -322,6 +345,13 @@ def merge_command(
         str | None, typer.Option("--vocab", help=_help("vocab"), metavar="base|N", show_default=False)
     ] = None,
     keep_extra: Annotated[bool, typer.Option("--keep-extra", help=_help("keep_extra"))] = False,
+    output_format: Annotated[
+        str | None,
+        typer.Option("--output-format", help=_help("output_format"), metavar="FORMAT", show_default=False),
+    ] = None,
+    rank: Annotated[
+        str | None, typer.Option("--rank", help=_help("rank"), metavar="R", show_default=False)
+    ] = None,
 ) -> None:
     """Merge fine-tuned checkpoints onto their base, tensor by tensor, into OUT."""
     # Values stay strings here: the one pydantic model parses and validates them, for YAML and CLI alike.
@@ -336,6 +366,8 @@ def merge_command(
         "force": True if force else None,
         "vocab": vocab,
         "keep_extra": True if keep_extra else None,
+        "output_format": output_format,
+        "rank": rank,
     }
     config = _config_from_cli(inputs or [], flags, option or [])
     console = Console(stderr=True)
@@ -355,6 +387,7 @@ def merge_command(
             task = bar.add_task(f"merging with {config.method}", total=merge.tensor_count)
             stats = merge.run(lambda key, numel: bar.advance(task))
         method = merge.engine.method
+        lora_report = merge.lora_writer.report if config.output_format == "lora" else None
     seconds = time.perf_counter() - start
     typer.echo(
         f"merged {stats.tensors} tensors ({_count(stats.parameters)} parameters, "
@@ -362,3 +395,5 @@ def merge_command(
         f"of {len(config.models)} fine-tuned model(s) with {config.method} (λ={method.scale:g}) in {seconds:.1f} s, "
         f"peak RSS {format_bytes(peak_rss_bytes())} → {config.output}"
     )
+    if lora_report is not None:
+        typer.echo(lora_report.line())

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magmax.errors import ConfigError
+from magmax.hub import looks_like_repo_id
 from magmax.merging.base import MergeMethod, create_method, get_method_class
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +41,8 @@ CLI_FLAGS: dict[str, str] = {
     "vocab": "--vocab",
     "keep_extra": "--keep-extra",
     "weights": "--option weights=[w1,w2,…]",
+    "output_format": "--output-format",
+    "rank": "--rank",
 }
 
 _SIZE_UNITS = {
@@ -80,10 +83,13 @@ class MergeConfig(BaseModel):
 
     method: str = Field("magmax", description="merging method (see `magmax list-methods`)")
     base: Path = Field(
-        description="pre-trained checkpoint θ0: .safetensors file, Hugging Face model folder, or torch state dict"
+        description="pre-trained checkpoint θ0: .safetensors file, Hugging Face model folder, torch state dict, "
+        "or a Hugging Face Hub id org/name"
     )
     models: list[Path] = Field(
-        default_factory=list, validate_default=True, description="fine-tuned checkpoints of the base, same formats"
+        default_factory=list,
+        validate_default=True,
+        description="fine-tuned checkpoints of the base, same formats, or PEFT LoRA adapter folders of it",
     )
     output: Path = Field(
         description="output folder (sharded safetensors + index; an HF base's config and tokenizer files are copied), "
@@ -122,6 +128,10 @@ class MergeConfig(BaseModel):
         if weights is not None and not all(math.isfinite(w) for w in weights):
             raise ValueError("weights must be finite numbers")
         return weights
+    output_format: Literal["safetensors", "lora"] = Field(
+        "safetensors", description="safetensors: the merged model; lora: the merged update as a PEFT LoRA adapter"
+    )
+    rank: int | None = Field(None, ge=1, description="rank of the LoRA factors (with --output-format lora)")
 
     @field_validator("models")
     @classmethod
@@ -152,6 +162,18 @@ class MergeConfig(BaseModel):
                 f"--vocab {self.vocab}: there are {len(self.models)} fine-tuned models; give base or "
                 f"1..{len(self.models)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_output(self) -> MergeConfig:
+        if self.output_format == "lora":
+            if self.rank is None:
+                raise ConfigError("--output-format lora needs the adapter's rank: --rank R (rank: in YAML)")
+            if self.single_file:
+                raise ConfigError("--output-format lora writes an adapter folder; give an output path not ending in "
+                                 ".safetensors")
+        elif self.rank is not None:
+            raise ConfigError("--rank is the rank of a LoRA output; add --output-format lora, or drop --rank")
         return self
 
     def create_method(self) -> MergeMethod:
@@ -227,6 +249,8 @@ def read_merge_yaml(path: Path) -> dict[str, Any]:
     def anchor(value: Any) -> Any:
         if not isinstance(value, str):
             return value
+        if looks_like_repo_id(value) and not (folder / value).exists():
+            return value  # a Hugging Face Hub id, not a path
         path = Path(value).expanduser()
         return str(path if path.is_absolute() else folder / path)
 
