@@ -141,7 +141,8 @@ def run_states(runs: list[PlannedRun], state: SweepState, scheduler: dict[str, s
         elif not jobs:
             row = ("not submitted", "")
         else:
-            row = ("failed", f"job {sched.lower()} before the run started") if gone else ("pending", "")
+            row = ("failed", f"job {sched.lower()} before the run started") if gone else (
+                ("running", "starting") if sched in ("RUNNING", "ALIVE") else ("pending", ""))
         detail = "; ".join(p for p in (row[1], progress) if p)
         if sched not in (None, "ALIVE", "GONE"):
             detail = "; ".join(p for p in (detail, f"slurm {sched}") if p)
@@ -188,8 +189,8 @@ def _finished(run: PlannedRun, events: Events, error: str = "") -> str:
 
 def submit_slurm(sweep: SweepConfig, name: str, runs: list[PlannedRun], out: Path, state: SweepState, events: Events) -> None:
     """One Slurm job array of the runs (sbatch through submitit); returns once they are queued."""
-    if shutil.which("sbatch") is None:
-        raise ConfigError("executor: slurm needs Slurm's sbatch on this machine (a login node); "
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise ConfigError("executor: slurm needs Slurm's sbatch and srun on this machine (a login node); "
                           "use executor: local to run the sweep here")
     executor = slurm_executor(sweep, name, out)
     with executor.batch():
