@@ -21,8 +21,7 @@ def sweep_command(
 ) -> None:
     """Submit a sweep's runs as jobs (Slurm through submitit, or here), each a resumable run directory.
 
-    Submitting the same file again submits only the runs that are not complete, queued or running; each
-    resumes after its last completed task."""
+    Submitting the same file again submits only the runs that are not complete, queued or running; each resumes after its last completed task."""
     from magmax.sweep import Events, SweepState, run_debug, run_local, run_states, scheduler_states, submit_slurm, to_submit
     from magmax.sweep_config import expand, load_sweep, sweep_out
 
@@ -63,7 +62,12 @@ def sweep_command(
         submit_slurm(sweep, name, todo, out, state, events)
         print_line(err, f"{len(todo)} runs queued on Slurm; follow them with: magmax sweep {sweep_file} --status")
         return
-    outcome = run_local(sweep, todo, out, state, events) if sweep.executor == "local" else run_debug(todo, state, events)
+    try:
+        outcome = run_local(sweep, todo, out, state, events) if sweep.executor == "local" else run_debug(todo, state, events)
+    except KeyboardInterrupt:
+        print_error(err, f"sweep interrupted (Ctrl-C); its running jobs were stopped after their last completed task; "
+                         f"submit it again to resume: magmax sweep {sweep_file}")
+        raise typer.Exit(130) from None
     missing = [n for n, st in outcome.items() if st != "complete"]
     if missing:
         print_error(err, f"{len(missing)} of {len(outcome)} runs did not complete ({', '.join(missing)}); see "
