@@ -19,7 +19,7 @@ LIST_METHODS_TABLE_WIDTH = 150
 
 @app.callback()
 def _root() -> None:
-    """Continual learning by model merging: `magmax merge`, `magmax run`, `magmax demo`, `magmax report`, `magmax list-methods`."""
+    """Continual learning by model merging: `magmax merge`, `magmax run`, `magmax sweep`, `magmax demo`, `magmax report`, `magmax list-methods`."""
 
 
 @app.command("list-methods")
@@ -54,6 +54,7 @@ def _register_subcommands() -> None:
     import magmax.cli_merge  # noqa: F401
     import magmax.cli_report  # noqa: F401
     import magmax.cli_run  # noqa: F401
+    import magmax.cli_sweep  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,8 +183,11 @@ class ContinualRun:
         resume: bool = False,
         hooks: ProgressHooks | None = None,
         progress_interval: float = 30.0,
+        handle_sigterm: bool = True,
     ):
         self.cfg = cfg
+        # False where a job runner owns the signals (submitit's requeue on preemption: magmax.sweep).
+        self.handle_sigterm = handle_sigterm
         self.dir = RunDir(out)
         self.resume = resume
         self.hooks = hooks or ProgressHooks()
@@ -324,12 +327,18 @@ class ContinualRun:
         self.dir.write_config(resolved)
         self.dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         try:
-            with sigterm_raises():
+            with sigterm_raises() if self.handle_sigterm else nullcontext():
                 results = self._run()
         except KeyboardInterrupt as exc:
             reason = "SIGTERM" if isinstance(exc, RunInterrupted) else "KeyboardInterrupt (Ctrl-C)"
             self.log.error(f"interrupted by {reason}; continue with --resume --out {self.dir.path}")
             self.dir.set_status("interrupted", reason=f"interrupted by {reason}", interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            raise
+        except SystemExit as exc:
+            # Not a failure of the run: a job runner ends the process (submitit, when the job is preempted or
+            # times out, saves its resubmission and exits; the requeued job resumes here).
+            self.log.error(f"stopped by the process exiting (code {exc.code}); continue with --resume --out {self.dir.path}")
+            self.dir.set_status("interrupted", reason=f"process exit (code {exc.code})", interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
             raise
         except BaseException as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
