@@ -141,6 +141,7 @@ class CheckpointMerge:
             self._stack.enter_context(sigterm_unwinds())
             # Hub ids become their snapshot folders (downloaded, or from the cache offline): magmax.hub.
             base_path, model_paths = hub.resolve(config.base), [hub.resolve(path) for path in config.models]
+            self.input_paths = [base_path, *model_paths]
             self.output = self._stack.enter_context(
                 AtomicOutput(config.output, force=config.force, inputs=[base_path, *model_paths])
             )
@@ -230,7 +231,7 @@ class CheckpointMerge:
             if self.base.model_folder is not None:
                 copy_model_files(self.base.model_folder, self.output.folder)
             describe_output(self.output.folder, config, method=self.engine.method, alignment=self.alignment,
-                            tensors=stats.tensors)
+                            tensors=stats.tensors, inputs=self.input_paths)
         self.output.commit()
         return stats
 

@@ -36,6 +36,8 @@ CARD_NAME = "README.md"
 def weight_files(path: Path) -> list[Path]:
     """The files holding an input's weights: the file, a folder's weight file, or an index and its shards."""
     path = Path(path)
+    if path.is_dir() and (path / "adapter_model.safetensors").is_file():  # a PEFT LoRA adapter folder
+        return [path / "adapter_model.safetensors"]
     target = find_weights(path) if path.is_dir() else path
     if not target.name.endswith(".index.json"):
         return [target]
@@ -53,12 +55,19 @@ def input_digests(path: Path) -> dict[str, str]:
     return {file.name: sha256(file) for file in weight_files(path)}
 
 
+def _recipe_path(value: Any) -> str:
+    """An input as the recipe names it: a Hub id as given, a path made absolute."""
+    from magmax.hub import is_hub_input
+
+    return str(value) if is_hub_input(value) else str(Path(value).absolute())
+
+
 def recipe(config: Any, scale: float, options: dict[str, Any]) -> dict[str, Any]:
     """The merge as the keys of a YAML config (absolute paths; λ and every option resolved; no output)."""
     data: dict[str, Any] = {
         "method": config.method,
-        "base": str(Path(config.base).absolute()),
-        "models": [str(Path(p).absolute()) for p in config.models],
+        "base": _recipe_path(config.base),
+        "models": [_recipe_path(p) for p in config.models],
         "scale": scale,
         "options": {k: v for k, v in options.items() if k != "weights"},
     }
@@ -193,12 +202,15 @@ def describe_output(
     method: Any,
     alignment: Alignment,
     tensors: int,
+    inputs: list[Path] | None = None,
 ) -> None:
-    """config.json, tokenizer files, README.md and magmax_recipe.yaml of a merged model folder."""
+    """config.json, tokenizer files, README.md and magmax_recipe.yaml of a merged model folder.
+
+    ``inputs``: the local folders or files of base and models (Hub ids resolved), for their digests."""
     update_config(folder, config.dtype, alignment.vocab_size, alignment.config_source)
     if alignment.tokenizer_source is not None:
         copy_tokenizer(folder, alignment.tokenizer_source)
-    digests = [input_digests(Path(p)) for p in (config.base, *config.models)]
+    digests = [input_digests(Path(p)) for p in (inputs or [config.base, *config.models])]
     options = method.options.model_dump(mode="json", exclude={"scale"})
     write_recipe(folder, recipe(config, method.scale, options))
     card = model_card(folder, config, method=method, alignment=alignment, digests=digests, tensors=tensors)
