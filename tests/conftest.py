@@ -33,3 +33,17 @@ def _native_kernels_must_not_fail():
 
     yield
     assert not _native._disabled_after_error, "a numba kernel failed and was disabled (see the log)"
+
+
+@pytest.fixture
+def cli(capsys):
+    """``magmax merge ARGS`` in process: (exit code, stdout, stderr)."""
+    from magmax.cli import main
+
+    def run(*args: object) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["merge", *map(str, args)])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

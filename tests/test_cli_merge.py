@@ -98,17 +98,6 @@ def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 
 
 @pytest.fixture
-def cli(capsys):
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(["merge", *map(str, args)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
-@pytest.fixture
 def models(tmp_path):
     """A base (sharded HF folder) and three fine-tuned models in three other formats."""
     base = tiny_base()

@@ -15,7 +15,6 @@ from transformers import AutoModel, AutoModelForSequenceClassification, BertConf
 from transformers import BertForSequenceClassification
 
 import magmax
-from magmax.cli import main
 from magmax.merging.breadcrumbs import breadcrumbs_mask
 from magmax.merging.dare import Dare, DareOptions
 
@@ -64,17 +63,6 @@ def save_finetune(base: Path, folder: Path, seed: int, *, head: bool = False, ex
 
 def weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return st.load_file(folder / "model.safetensors")
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(["merge", *map(str, args)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def task_arithmetic(base: dict, fts: list[dict], scale: float, weights=None, rename=lambda k: k) -> dict:

@@ -11,20 +11,8 @@ import yaml
 
 import magmax
 from magmax import hub
-from magmax.cli import main
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(["merge", *map(str, args)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:

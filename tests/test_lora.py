@@ -16,21 +16,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from magmax.cli import main
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(["merge", *map(str, args)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 class Tiny(nn.Module):

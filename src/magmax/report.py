@@ -110,16 +110,21 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def write_results(folder: str | Path, results: dict[str, Any]) -> None:
-    folder = Path(folder)
-    table = rows(results)
-    tmp = folder / "results.csv.tmp"
+def write_csv(path: Path, table: list[dict[str, Any]], cell: Any) -> None:
+    """``table`` (one dict per row) as CSV at ``path``, each value through ``cell(key, value)``; written
+    beside and renamed, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0].keys()) if table else ["model"])
         writer.writeheader()
         for r in table:
-            writer.writerow({k: _rounded(v) if k != "scale" else v for k, v in r.items()})
-    os.replace(tmp, folder / "results.csv")
+            writer.writerow({k: cell(k, v) for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def write_results(folder: str | Path, results: dict[str, Any]) -> None:
+    folder = Path(folder)
+    write_csv(folder / "results.csv", rows(results), lambda k, v: v if k == "scale" else _rounded(v))
     (folder / "results.md").write_text(markdown_table(results) + "\n\n" + SINGLE_SEED_NOTE + "\n")
     write_json(folder / "results.json", results)
     try:

@@ -4,7 +4,6 @@ interval (:mod:`magmax.stats`); with one seed, the mean alone and the words "one
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from magmax.report import DECIMALS
+from magmax.report import DECIMALS, write_csv
 from magmax.rundir import write_json
 from magmax.stats import METRICS, NO_INTERVAL, half_width
 
@@ -86,14 +85,7 @@ def csv_rows(aggregate: Mapping[str, Any]) -> list[dict[str, Any]]:
 def write_aggregate(folder: str | Path, aggregate: Mapping[str, Any], name: str, headline: str) -> None:
     """DIR/aggregate.json (full precision), DIR/results.csv (2 decimals) and DIR/results.md."""
     folder = Path(folder)
-    table = csv_rows(aggregate)
-    tmp = folder / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0].keys()) if table else ["model"])
-        writer.writeheader()
-        for r in table:
-            writer.writerow({k: _cell(v) for k, v in r.items()})
-    os.replace(tmp, folder / "results.csv")
+    write_csv(folder / "results.csv", csv_rows(aggregate), lambda _, v: _cell(v))
     tmp = folder / "results.md.tmp"
     tmp.write_text(markdown(aggregate, name, headline) + "\n")
     os.replace(tmp, folder / "results.md")
