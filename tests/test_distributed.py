@@ -127,7 +127,6 @@ def test_lwf_teacher_and_reference_fisher_agree_with_one_process(image_root, tmp
     two_ranks_against_one_process(image_root, tmp_path, BASELINES)
 
 
-@pytest.mark.slow
 def test_rank_killed_mid_task_then_resumed_ends_with_the_same_numbers(image_root, tmp_path):  # noqa: F811
     """torchrun with 2 ranks; rank 1 is SIGKILLed during the last task; `magmax run --nproc 2 --resume`
     ends with the numbers of the uninterrupted one-process run."""
