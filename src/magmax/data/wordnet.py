@@ -17,7 +17,7 @@ Choices (documented because WordNet has no official classification task):
 
 * Text: the *definition*, i.e. the gloss up to its first quoted example sentence (examples often
   contain the word itself); ``text="gloss"`` keeps the examples.
-* Classes: the 20 largest supersenses by default (the demo's choice, ``presets/demo_text.yaml``; they drop
+* Classes: the 20 largest supersenses by default (the study's choice, ``configs/study/wordnet-10.yaml``; they drop
   phenomenon, relation, feeling, shape, Tops and motive); ``classes=N`` takes the N largest,
   ``classes="all"`` all 26, or an explicit list of names (``"animal"`` or ``"noun.animal"``).
   Class ids follow the lexicographer-file number for ``N``/``"all"`` and the list order otherwise.
