@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from magmax.multiseed import seed_dir
 from magmax.stats import paired_differences
 
 # (claim, model, reference, kind): "better" means model > reference; "close" means |model - reference| < 2.
@@ -43,10 +44,10 @@ def interval(diff: dict) -> str:
 
 
 def main(run_dir: str) -> None:
-    seeds = sorted(Path(run_dir).glob("seed-*/results.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    results = [json.loads(p.read_text()) for p in seeds]
+    seeds = json.loads((Path(run_dir) / "aggregate.json").read_text())["seeds"]
+    results = [json.loads((seed_dir(run_dir, s) / "results.json").read_text()) for s in seeds]
     labels = results[0]["models"]
-    print(f"{len(results)} seeds: " + ", ".join(p.parent.name for p in seeds))
+    print(f"{len(seeds)} seeds: " + ", ".join(map(str, seeds)))
     print("| claim | model | against | per seed (pt) | mean difference [95% interval] | verdict |")
     print("|---|---|---|---|---|---|")
     for claim, model, ref, kind in CLAIMS:
