@@ -67,7 +67,7 @@ class TaskSlices(Sequence[Tensor]):
         self.key = key
         self.resident = resident
         """Every slice's inputs are in memory already: a kernel may take all T at once (else at most
-        ``_fused.GROUP`` raw tensors at a time, so that out-of-core memory does not grow with T)."""
+        ``backends.fold.GROUP`` raw tensors at a time, so that out-of-core memory does not grow with T)."""
         self._count = count
         self._load = load
         # θ0 as a tensor, or a loader called when it is first needed: a pass that only asks how the
@@ -138,8 +138,8 @@ class MergeMethod:
     statistic enters), so consecutive tensors may be merged as one flat tensor (the engine does on GPUs)."""
     uses_global_reduce: bool = False
     folds_natively: bool = False
-    """``merge_tensor`` forms every τ_t in the native folds of :mod:`magmax.merging._native` (on CPU, for
-    float32/bfloat16 inputs), which report whether every entry was finite (``_native.finite_watch``):
+    """``merge_tensor`` forms every τ_t in the native folds of :mod:`magmax.merging.backends.cpu` (on CPU, for
+    float32/bfloat16 inputs), which report whether every entry was finite (``backends.finite.finite_watch``):
     the engine may then skip its own NaN/Inf pass over in-memory inputs."""
 
     statistics_check_finite: bool = False

@@ -34,7 +34,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from magmax.thread_slot import ThreadSlot
+from magmax.merging.backends.finite import report as _report
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +93,9 @@ def disable(exc: Exception) -> None:
 def _kernels() -> ModuleType:
     global _module
     if _module is None:
-        from magmax.merging import _native_kernels
+        from magmax.merging.backends.cpu import kernels
 
-        _module = _native_kernels
+        _module = kernels
     return _module
 
 
@@ -155,37 +154,6 @@ def _tau_only(state: Tensor, base: Tensor | None, x: Tensor) -> None:
 
 
 # -- group kernels (the calling convention of magmax.merging._fused.run_group) ----------------------
-
-
-class FiniteWatch:
-    """What the folds of one thread saw inside :func:`finite_watch`: how many inputs they formed τ from,
-    whether θ0 was among them, and whether every τ entry was finite."""
-
-    def __init__(self) -> None:
-        self.inputs = 0
-        self.base = False
-        self.finite = True
-
-    def proves_finite(self, count: int) -> bool:
-        """θ0 and ``count`` inputs went through the folds (each once), every entry finite."""
-        return self.finite and self.base and self.inputs == count
-
-
-_watch: ThreadSlot[FiniteWatch] = ThreadSlot()
-
-
-def finite_watch() -> AbstractContextManager[FiniteWatch]:
-    """Collect, in this thread, the NaN/Inf verdicts of the native folds (they compute one in passing)."""
-    return _watch.holding(FiniteWatch())
-
-
-def _report(finite: int, numel: int, inputs: int, has_base: bool) -> None:
-    """A fold formed ``inputs`` τ's and found ``finite`` of its ``numel`` entries all finite."""
-    watch = _watch.get()
-    if watch is not None:
-        watch.inputs += inputs
-        watch.base = watch.base or has_base
-        watch.finite = watch.finite and finite == numel
 
 
 _ADD_ROUNDING: int | None = None
