@@ -15,8 +15,8 @@ Measured in the same run, on the same task vectors:
 * **default** / **torch eager** / **compiled**: τ* of every tensor from the task vectors (with the
   method's statistics passes, as the engine runs them; ``merge_tensors`` for methods that merge many
   tensors at once, else ``merge_tensor`` per tensor). *default* is what a merge runs without
-  settings: the numba kernels of ``magmax.merging._native`` on CPU (where numba imports), the Triton
-  multi-tensor kernels of ``magmax.merging._gpu`` on a GPU (one launch for all tensors), the torch
+  settings: the numba kernels of ``magmax.merging.backends.cpu`` on CPU (where numba imports), the Triton
+  multi-tensor kernels of ``magmax.merging.backends.gpu`` on a GPU (one launch for all tensors), the torch
   group kernels eagerly otherwise. *torch eager* forces the torch group kernels (``MAGMAX_NATIVE=0
   MAGMAX_TRITON=0``; in cache-sized chunks on CPU; fused methods only), *compiled* forces them under
   ``torch.compile`` (compile time reported apart).
@@ -51,7 +51,9 @@ import torch
 from torch import Tensor
 
 import magmax
-from magmax.merging import _fused, _gpu, _native
+from magmax.merging.backends import select as _fused
+from magmax.merging.backends.cpu import native as _native
+from magmax.merging.backends.gpu import triton as _gpu
 from magmax.merging.base import MergeMethod, TaskSlices, merge_all
 
 FUSED = ("magmax", "average", "task_arithmetic", "random")

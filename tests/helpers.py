@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 # A linear layer, a conv kernel, a bias, a 0-d scalar, an empty tensor, one tensor of two eager chunks
-# (magmax.merging._fused.CHUNK = 32768) with a ragged end, and the two buffer kinds that are
+# (magmax.merging.backends.fold.CHUNK = 32768) with a ragged end, and the two buffer kinds that are
 # never merged.
 SHAPES: dict[str, tuple[int, ...]] = {
     "layer.weight": (7, 5),

@@ -38,7 +38,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from magmax.merging.backends import finite, registry, select
+from magmax.merging.backends import registry, select
+from magmax.merging.backends.finite import report as report_finite
 from magmax.merging.backends.cpu import native as _native
 from magmax.merging.backends.gpu import triton as _gpu
 from magmax.taskvector import add_scaled
@@ -267,7 +268,7 @@ def _fold_many(
     if finite is not None and _gpu.counts_finite(op):
         total = sum(c.segments.total for c in chunks.values())
         for (start, stop), found in zip(groups, finite.tolist()):  # the one wait for the GPU
-            finite.report(found, total, stop - start, bool(has_base))
+            report_finite(found, total, stop - start, bool(has_base))
     views = [view for c in chunks.values() for view in c.segments.views(c.state)]
     return [view.view(shape) for view, shape in zip(views, shapes)]
 

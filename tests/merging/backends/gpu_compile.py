@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from magmax.merging import _gpu, _gpu_kernels as k  # noqa: E402
+from magmax.merging.backends.gpu import kernels as k, triton as _gpu  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TABLES = {"block_segment": "*i32", "block_start": "*i64", "segment_numel": "*i64", "segment_offset": "*i64",
