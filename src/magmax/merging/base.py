@@ -22,8 +22,11 @@ Methods are instantiated once per merge with validated options; they may keep pe
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -280,9 +283,16 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-def registry() -> dict[str, type[MergeMethod]]:
-    import magmax.merging  # noqa: F401  (imports every method module, which registers it)
+def discover() -> None:
+    """Import every method module of this folder (each applies @register): a new method is one file here,
+    nothing else to edit. Modules named ``_*``, ``base``, ``fold`` and sub-packages are not methods."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if not info.ispkg and info.name not in ("base", "fold") and not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
 
+
+def registry() -> dict[str, type[MergeMethod]]:
+    discover()
     return dict(sorted(_REGISTRY.items()))
 
 
