@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import SHAPES, assert_state_dicts_bitwise_equal, make_finetuned, make_state_dict
+from helpers import SHAPES, assert_state_dicts_bitwise_equal, make_finetuned, make_state_dict, needs_native
 
 import magmax
 from magmax.engine import DictReader, DictWriter, MergeRun
@@ -159,6 +159,7 @@ def test_merge_tensors_equals_merge_tensor(method, resident, chunk_numel, monkey
         assert_bits(value, m.merge_tensor(key, slices(key)), f"{method} {key}")
 
 
+@needs_native
 @pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
 def test_engine_hands_runs_of_tensors_to_the_gpu_folds(method, monkeypatch):
     """Bucketed (as on a GPU), the merge equals the per-tensor CPU merge and the NaN/Inf check rides in
