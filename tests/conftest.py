@@ -10,7 +10,7 @@ os.environ.setdefault("MAGMAX_COMPILE", "never")
 
 import torch  # noqa: E402
 
-# Without a GPU, the Triton kernels are tested in Triton's interpreter (tests/test_gpu_kernels.py), which
+# Without a GPU, the Triton kernels are tested in Triton's interpreter (tests/merging/backends/test_gpu.py), which
 # triton must know of before it is first imported (its library functions are decorated then).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

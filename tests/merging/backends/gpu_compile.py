@@ -1,5 +1,5 @@
 """Compile every Triton kernel variant for an H100 (sm_90) without a GPU and print a JSON summary of
-the PTX: run by tests/test_gpu_compile.py in a child process (Triton's interpreter must be off here).
+the PTX: run by tests/merging/backends/test_gpu_compile.py in a child process (Triton's interpreter must be off here).
 
 The interpreter runs the kernels' semantics on CPU; this checks what it cannot: that they type-check,
 lower and pass ptxas for the real target, and that the float32 operations stay as written (no FMA

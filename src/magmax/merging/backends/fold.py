@@ -5,10 +5,11 @@ elementwise op and a pass to write the running state back: 5–10× the bandwidt
 once, write the result once). Here a method writes its fold as a *group kernel*
 ``kernel(state, base, inputs, step, ws)``: it updates the running state **in place** by up to
 :data:`GROUP` inputs, forming each τ_t itself from the raw tensors (``TaskSlices.operands``), with
-``out=`` / in-place torch ops on scratch buffers taken from ``ws``. On CPU a kernel that names a numba
-twin (:func:`native`) runs that instead, when numba is there and the inputs are float32 or bfloat16
-(:mod:`magmax.merging._native`: one pass, no compile at merge time). Otherwise this module runs a group
-kernel
+``out=`` / in-place torch ops on scratch buffers taken from ``ws``. A method tags its kernel with its
+name (:func:`reference`); what the backends registered under that name (:mod:`.registry`) runs instead
+where :mod:`.select` says so: a numba group on CPU (float32/bfloat16 inputs), the Triton op for many
+tensors at once on a GPU (:func:`fold_many`). Otherwise this module runs the kernel (or its registered
+eager form, same bits)
 
 * eagerly over cache-sized chunks, spread over ``torch.get_num_threads()`` threads: the state chunk and
   the scratch stay in cache, so each input is read from memory once and the state is written once per
@@ -19,11 +20,8 @@ kernel
 Both run the same IEEE-754 operations on every element in the same order, so they agree bit for bit
 (inductor compiles without -funsafe-math-optimizations, so nothing is reassociated); the tests check it.
 
-Compiling costs seconds (about 3 s with a warm inductor cache, 10–20 s cold, per group shape), so it is
-governed by :func:`set_compile_mode`: ``"never"``, ``"always"``, or ``"auto"`` (default, also set by the
-``MAGMAX_COMPILE`` environment variable). ``auto`` rents before it buys: it runs eagerly until this
-process has spent ``MAGMAX_COMPILE_AFTER_S`` seconds (default 30) in eager group kernels, then compiles
-— a small merge never pays a compile, a large one pays at most about twice the better choice.
+Compiling costs seconds (about 3 s with a warm inductor cache, 10–20 s cold, per group shape): when
+to compile is the policy of :mod:`magmax.merging.backends.select`.
 """
 
 from __future__ import annotations
@@ -177,10 +175,10 @@ def fold_many(
     divide: bool = False,
 ) -> list[Tensor] | None:
     """The folds of several tensors (``slices[s]``: tensor s's T slices) on a GPU, one launch per group of
-    inputs and chunk of tensors (:mod:`magmax.merging._gpu`); ``divide``: each result divided by T (the
+    inputs and chunk of tensors (:mod:`magmax.merging.backends.gpu.triton`); ``divide``: each result divided by T (the
     mean). Results may share storage. None when that path cannot take them (no triton, not on a GPU,
     other dtypes): the caller folds tensor by tensor. Inputs already in memory go in one group; else
-    groups of :data:`GROUP`. Reports to ``_native.finite_watch`` whether every τ sum was finite."""
+    groups of :data:`GROUP`. Reports to ``backends.finite.finite_watch`` whether every τ sum was finite."""
     op = accelerated(kernel).gpu
     if op is None or not slices or not select.gpu_possible():
         return None
@@ -356,7 +354,7 @@ def run_group(
     scale: float | None = None,
 ) -> None:
     """Apply ``kernel`` to flat, equally long tensors: by its numba twin on CPU when it has one and the
-    inputs suit it (:mod:`magmax.merging._native`), compiled when :func:`_use_compiled` says so, else
+    inputs suit it (:mod:`magmax.merging.backends.cpu.native`), compiled when :func:`select.group_path` says so, else
     chunked. Then, unless the numba kernel did it in the same pass, divide the state by ``divisor``
     (:func:`mean_of_sum`) and make it θ0 + scale·state (:func:`add_scaled`, θ0 = ``base``)."""
     if params is not None:

@@ -1,8 +1,8 @@
 """CPU group kernels compiled by numba: one pass over memory, every thread, no compile at merge time.
 
-The torch group kernels of :mod:`magmax.merging._fused` run eagerly as a handful of ATen ops per input
+The torch group kernels of :mod:`magmax.merging.backends.fold` run eagerly as a handful of ATen ops per input
 on cache-sized chunks (4–20× the bandwidth floor on CPU), or under ``torch.compile`` (at the floor, but
-1–30 s of compiling per group shape). The kernels here (:mod:`magmax.merging._native_kernels`) are the
+1–30 s of compiling per group shape). The kernels here (:mod:`magmax.merging.backends.cpu.kernels`) are the
 same folds written as plain loops for numba: element by element, the running state stays in registers,
 every input of the group is read once and the state written once. numba compiles each kernel once per
 machine and group size (about 1–2 s; ``cache=True`` keeps the machine code on disk). They run on CPU
@@ -15,7 +15,7 @@ the random hash is the same int64 arithmetic; θ0 + λ·τ*, where a fold writes
 
 float32 and bfloat16 inputs take this path (a bfloat16 entry is read as its exact float32: its bits
 followed by 16 zeros, as ``Tensor.float()`` does); float16 and float64 checkpoints fall back to the torch
-kernels. The folds take a group of at most ``_fused.GROUP`` inputs as a tuple (one compiled version
+kernels. The folds take a group of at most ``fold.GROUP`` inputs as a tuple (one compiled version
 per group size); TIES's, Consensus's and Breadcrumbs' counting kernels take any number of inputs as
 an array of their addresses (one compiled version), so that inputs already in memory go in one call.
 
@@ -153,7 +153,7 @@ def _tau_only(state: Tensor, base: Tensor | None, x: Tensor) -> None:
         torch.sub(x, base.to(_F32), out=state)
 
 
-# -- group kernels (the calling convention of magmax.merging._fused.run_group) ----------------------
+# -- group kernels (the calling convention of magmax.merging.backends.fold.run_group) ----------------------
 
 
 _ADD_ROUNDING: int | None = None
@@ -203,7 +203,7 @@ def _finish_mode(has_base: bool, scale: float | None, possible: bool = True) -> 
 
 
 def _fold_group(fold: str, divides: bool = False) -> NativeGroup:
-    """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest, [divisor,]
+    """The group kernel that runs ``kernels.<fold>(state, θ0, has θ0, first, x0, rest, [divisor,]
     finish, λ)``; a fold that ``divides`` can end a mean."""
 
     def group(state, base, inputs, first, last, params, group, divisor=None, scale=None) -> bool:

@@ -17,7 +17,7 @@ update per entry. Here all tasks are served together, and the histogram is repla
    back to the exact radix select. The sample only decides the speed, never the result.
 
 A subsample of the sample goes back to the caller (TIES guesses its majority sign from it). The
-kernels are numba's (:mod:`magmax.merging._native`), all tasks of a tensor in one call when its inputs
+kernels are numba's (:mod:`magmax.merging.backends.cpu.native`), all tasks of a tensor in one call when its inputs
 are in memory already, else in groups of ``GROUP``; blocks of tasks run on torch's threads.
 Tensors that are not float32/bfloat16 on the CPU (or no numba) take the radix select for every task.
 """
@@ -142,7 +142,7 @@ class Brackets:
     def count(self, base: Tensor | None, inputs: list[Tensor], tasks: slice = slice(None),
               report_finite: bool = True) -> None:
         """The counting pass over ``inputs``, the tasks ``tasks`` of the brackets (see
-        :func:`magmax.merging._native.count_and_gather`)."""
+        :func:`magmax.merging.backends.cpu.native.count_and_gather`)."""
         if self.gathered is None:
             self.gathered = np.empty((*self.low.shape, self.capacity), dtype=np.float32)
         _native.count_and_gather(base, inputs, self.low[tasks], self.high[tasks], self.below[tasks],
@@ -235,7 +235,7 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor],
     (inputs, ranks).
 
     The steps of the global thresholds, per tensor: a sample brackets each rank, one counting pass per
-    input (:func:`magmax.merging._native.count_and_gather`, every rank in the same read) counts the
+    input (:func:`magmax.merging.backends.cpu.native.count_and_gather`, every rank in the same read) counts the
     magnitudes below each bracket and gathers those inside, ``np.partition`` picks the exact value, and the
     two counts are the count below the bracket plus the gathered values below (at most) v: no second pass.
     A rank its bracket missed is selected, and counted, from every |τ_j|: exact either way, the sample only
