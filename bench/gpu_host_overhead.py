@@ -25,7 +25,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import merge_bench  # noqa: E402
 
-from magmax.merging import _gpu, create_method  # noqa: E402
+from magmax.merging import create_method  # noqa: E402
+from magmax.merging.backends.gpu import triton as _gpu  # noqa: E402
 from magmax.merging.base import TaskSlices  # noqa: E402
 
 

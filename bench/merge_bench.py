@@ -15,8 +15,8 @@ Measured in the same run, on the same task vectors:
 * **default** / **torch eager** / **compiled**: τ* of every tensor from the task vectors (with the
   method's statistics passes, as the engine runs them; ``merge_tensors`` for methods that merge many
   tensors at once, else ``merge_tensor`` per tensor). *default* is what a merge runs without
-  settings: the numba kernels of ``magmax.merging._native`` on CPU (where numba imports), the Triton
-  multi-tensor kernels of ``magmax.merging._gpu`` on a GPU (one launch for all tensors), the torch
+  settings: the numba kernels of ``magmax.merging.backends.cpu`` on CPU (where numba imports), the Triton
+  multi-tensor kernels of ``magmax.merging.backends.gpu`` on a GPU (one launch for all tensors), the torch
   group kernels eagerly otherwise. *torch eager* forces the torch group kernels (``MAGMAX_NATIVE=0
   MAGMAX_TRITON=0``; in cache-sized chunks on CPU; fused methods only), *compiled* forces them under
   ``torch.compile`` (compile time reported apart).
@@ -51,7 +51,9 @@ import torch
 from torch import Tensor
 
 import magmax
-from magmax.merging import _fused, _gpu, _native
+from magmax.merging.backends import select
+from magmax.merging.backends.cpu import native as _native
+from magmax.merging.backends.gpu import triton as _gpu
 from magmax.merging.base import MergeMethod, TaskSlices, merge_all
 
 FUSED = ("magmax", "average", "task_arithmetic", "random")
@@ -381,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     rows.append(row)
                     continue
             run = lambda: merge_task_vectors(magmax.create_method(name), taus)
-            _fused.set_compile_mode("never")
+            select.set_compile_mode("never")
             row.eager_s, row.peak_bytes, calls = measure(run, args.repeats, device, args.budget_s)
             if row.eager_s is None:
                 row.note = f"stopped: one call took more than --budget-s {args.budget_s:.0f} s"
@@ -397,16 +399,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                     row.torch_eager_s, _, _ = measure(run, args.repeats, device, args.budget_s)
             if name in FUSED and not args.no_compiled:
                 with torch_kernels():
-                    _fused.set_compile_mode("always")
+                    select.set_compile_mode("always")
                     began = time.perf_counter()
                     run()
                     warm = time.perf_counter() - began
                     row.compiled_s, _, calls = measure(run, args.repeats, device, args.budget_s)
                     row.compile_s = max(warm - row.compiled_s, 0.0)
-                    if _fused._compile_failed:
+                    if select._compile_failed:
                         notes.append("torch.compile failed: the compiled column ran eagerly")
             if not args.no_e2e:
-                _fused.set_compile_mode("never")
+                select.set_compile_mode("never")
                 finetuned = inputs.finetuned(count)
                 merge = lambda: magmax.merge(name, inputs.base, finetuned, device=device)
                 row.e2e_s, _, _ = measure(merge, args.repeats, device, args.budget_s)
@@ -414,10 +416,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     notes.append(f"merge() stopped after {args.budget_s:.0f} s")
                 if args.e2e_compiled and name in FUSED:
                     with torch_kernels():
-                        _fused.set_compile_mode("always")
+                        select.set_compile_mode("always")
                         merge()  # compiles
                         row.e2e_compiled_s, _, _ = measure(merge, args.repeats, device, args.budget_s)
-                        _fused.set_compile_mode("never")
+                        select.set_compile_mode("never")
             row.note = "; ".join(notes)
             rows.append(row)
             print(f"  done {name} T={count}", file=sys.stderr, flush=True)
@@ -432,7 +434,7 @@ def warm_up(methods: Sequence[str], tasks: Sequence[int], device: torch.device, 
     the first time on a machine), Triton's compiles on a GPU, starting thread pools. Those landed in the
     first cell's time and peak memory (+117 MB at magmax T = 2 in session 4's tables)."""
     small = build_inputs(vit_b16_visual_shapes(layers=1, width=256), min(max(tasks), 4), device)
-    _fused.set_compile_mode("never")
+    select.set_compile_mode("never")
     for count in tasks:
         for name in methods:
             merge_task_vectors(magmax.create_method(name), small.taus(count))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 # A linear layer, a conv kernel, a bias, a 0-d scalar, an empty tensor, one tensor of two eager chunks
-# (magmax.merging._fused.CHUNK = 32768) with a ragged end, and the two buffer kinds that are
+# (magmax.merging.backends.fold.CHUNK = 32768) with a ragged end, and the two buffer kinds that are
 # never merged.
 SHAPES: dict[str, tuple[int, ...]] = {
     "layer.weight": (7, 5),
@@ -94,3 +94,15 @@ def assert_state_dicts_bitwise_equal(got: Mapping[str, Tensor], want: Mapping[st
         if not bitwise_equal(got[key], want[key]):
             diff = (bits(got[key]) != bits(want[key])).sum().item()
             raise AssertionError(f"{key}: {diff} of {want[key].numel()} entries differ bitwise")
+
+
+def _native_kernels_on() -> bool:
+    from magmax.merging.backends.cpu import native
+
+    return native.enabled()
+
+
+# Tests that assert which code path ran (the numba folds' own NaN/Inf verdicts, their read counts, their
+# calls) need those kernels: with MAGMAX_NATIVE=0 (or no numba) they skip; the results are tested anyway.
+needs_native = __import__("pytest").mark.skipif(
+    not _native_kernels_on(), reason="asserts the numba kernels' path; they are off (MAGMAX_NATIVE=0 or no numba)")

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SMALL_SHAPES, assert_state_dicts_bitwise_equal, make_finetuned, make_state_dict, task_vectors
+from helpers import (
+    SMALL_SHAPES,
+    assert_state_dicts_bitwise_equal,
+    make_finetuned,
+    make_state_dict,
+    needs_native,
+    task_vectors,
+)
 
 import magmax
 from magmax.engine import DictReader, DictWriter, MergeRun
@@ -270,6 +277,7 @@ def test_a_task_vector_that_overflows_is_not_mistaken_for_a_nan_input():
     assert torch.isinf(merged["w"]).all()
 
 
+@needs_native
 @pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
 @pytest.mark.parametrize("count,explicit", [(3, False), (11, False), (1, True)])
 def test_the_separate_nan_pass_is_skipped_only_when_the_folds_vouch_for_every_input(method, count, explicit,

@@ -13,7 +13,8 @@ from helpers import (
 
 import magmax
 from magmax.errors import MergeInputError
-from magmax.merging import _fused, _gpu
+from magmax.merging.backends import select
+from magmax.merging.backends.gpu import triton as _gpu
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -35,7 +36,7 @@ def test_cuda_merge_is_bit_exact_with_cpu(models, method, kernels, monkeypatch):
     base, fts = models
     want = magmax.merge(method, base, fts)
     monkeypatch.setenv("MAGMAX_TRITON", "1" if kernels == "triton" else "0")
-    _fused.set_compile_mode("always" if kernels == "torch compiled" else "never")
+    select.set_compile_mode("always" if kernels == "torch compiled" else "never")
     assert_state_dicts_bitwise_equal(magmax.merge(method, base, fts, device="cuda"), want)
     if kernels == "triton":
         assert _gpu.enabled(), "a Triton kernel failed and was turned off (see the log)"

@@ -44,7 +44,7 @@ from magmax.hf_quirks import Alignment, align_inputs
 from magmax.errors import ConfigError, MergeInputError
 from magmax.memory import format_bytes, peak_rss_bytes, return_large_buffers_to_the_os
 from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
-from magmax.merging import _fused
+from magmax.merging.backends.fold import GROUP
 from magmax.model_card import describe_output
 from magmax.taskvector import check_finite
 from magmax.termination import sigterm_unwinds
@@ -221,7 +221,7 @@ class CheckpointMerge:
             # and a little slack are alive at once (fresh pages cost as much as the reads themselves).
             named = AlignedOutputWriter(writer, self.alignment)
             checked = FiniteOutputWriter(named, self.engine.float_keys, self.engine.method.scale)
-            with recycled_read_buffers(largest, _fused.GROUP + 2):
+            with recycled_read_buffers(largest, GROUP + 2):
                 stats = self.engine.run(checked, progress)
                 self._write_extras(writer, stats, progress)
             writer.close()

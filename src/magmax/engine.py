@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from magmax.errors import MergeInputError
-from magmax.merging import _gpu, _native
+from magmax.merging.backends import finite, select
 from magmax.merging.base import MergeMethod, TaskSlices, run_statistics
 from magmax.taskvector import check_finite, check_tensor_pair, combine, is_mergeable, task_vector_tensor
 
@@ -268,7 +268,7 @@ class MergeRun:
         m = self.method
         if m.merges_many:
             return len(unit.keys) > 1 or self.device.type == "cuda"
-        return m.key_independent and _gpu.kernel_device(self.device) and self._inputs_on_device()
+        return m.key_independent and select.gpu_kernel_device(self.device) and self._inputs_on_device()
 
     def _stat_units(self, check: bool = True) -> tuple[list[str], Callable[[str], TaskSlices]]:
         """The names the statistics passes see, and their slices (NaN/Inf checked as loaded unless
@@ -303,8 +303,8 @@ class MergeRun:
             return False
         dtype = self.base.meta(unit.keys[0]).dtype
         if self._by_segments(unit):
-            return _gpu.serves(self.device, dtype)
-        if not _native.enabled() or self.device.type != "cpu" or len(unit.keys) != 1 or len(self.finetuned) < 2:
+            return select.gpu_serves(self.device, dtype)
+        if not select.numba_enabled() or self.device.type != "cpu" or len(unit.keys) != 1 or len(self.finetuned) < 2:
             return False
         return dtype in (torch.float32, torch.bfloat16)
 
@@ -332,7 +332,7 @@ class MergeRun:
         total = sum(self.base.meta(key).numel for key in self.float_keys)
         in_passing = self._statistics_checked_in_passing()
         names, slices = self._stat_units(check=not in_passing)
-        with _native.finite_watch() as watch:
+        with finite.finite_watch() as watch:
             run_statistics(self.method, names, slices, len(self.finetuned), total)
         if not in_passing:
             return
@@ -353,7 +353,7 @@ class MergeRun:
         m = self.method
         if not (self.check_values and m.uses_task_stats and m.statistics_check_finite and self.float_keys):
             return False
-        if not _native.enabled() or self.device.type != "cpu":
+        if not select.numba_enabled() or self.device.type != "cpu":
             return False
         return all(self.base.meta(key).dtype in (torch.float32, torch.bfloat16) for key in self.float_keys)
 
@@ -377,7 +377,7 @@ class MergeRun:
         launch per group of inputs for all of them."""
         m = self.method
         in_passing = self._checked_in_passing(unit)
-        with _native.finite_watch() as watch:
+        with finite.finite_watch() as watch:
             bases = [self._load(self.base, -1, key, check=not in_passing) for key in unit.keys]
             slices = [self._key_slices(key, base, check=not in_passing) for key, base in zip(unit.keys, bases)]
             taus = m.merge_tensors(list(unit.keys), slices)
@@ -398,7 +398,7 @@ class MergeRun:
             # The native folds tell whether every τ entry was finite as they read the inputs, which saves
             # the NaN/Inf pass (as long as the merge); the explicit check runs (reading the inputs again)
             # when they could not vouch for all of them, before anything is yielded.
-            with _native.finite_watch() as watch:
+            with finite.finite_watch() as watch:
                 base_tensor = self._load_unit(self.base, -1, unit, check=False)
                 merged = self._merged(unit.name, self.slices(unit.name, base_tensor, check=False), base_tensor)
             if not watch.proves_finite(len(self.finetuned)):

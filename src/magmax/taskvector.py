@@ -65,7 +65,7 @@ def combine(
 
 def add_scaled(base: Tensor, tau: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
     """θ0 + λ·τ in float32 by ``torch.add(θ0, τ, alpha=λ)``: the one spelling of it, which the numba folds
-    match when they add θ0 themselves (:func:`magmax.merging._native.add_rounding`: one FMA on CPUs
+    match when they add θ0 themselves (:func:`magmax.merging.backends.cpu.native.add_rounding`: one FMA on CPUs
     whose ATen kernels use it, two roundings on others). ``out`` may be ``tau``."""
     return torch.add(base.to(device=tau.device, dtype=COMPUTE_DTYPE), tau, alpha=scale, out=out)
 

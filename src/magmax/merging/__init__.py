@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from magmax.merging.base import (
     MergeMethod,
     MethodOptions,
     TaskSlices,
     create_method,
+    discover,
     get_method_class,
     register,
     registry,
 )
 
-# A new method is one file in this folder that applies @register: discovered here, nothing else to edit.
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base" and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+discover()  # imports every method module, which registers it
 
 __all__ = ["MergeMethod", "MethodOptions", "TaskSlices", "create_method", "get_method_class", "register", "registry"]

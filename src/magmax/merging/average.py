@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from magmax.merging import _fused
-from magmax.merging._fused import mean_of_sum
+from magmax.merging import fold
 from magmax.merging.base import MergeMethod, TaskSlices, register
 from magmax.merging.task_arithmetic import sum_kernel
 
@@ -37,19 +36,19 @@ class Average(MergeMethod):
 
     def update(self, state: tuple[Tensor, int], tau: Tensor, t: int, key: str) -> tuple[Tensor, int]:
         total, count = state
-        return _fused.update_state(sum_kernel, total, tau, t), count + 1
+        return fold.update_state(sum_kernel, total, tau, t), count + 1
 
     def result(self, state: tuple[Tensor, int], key: str) -> Tensor:
         total, count = state
-        return mean_of_sum(total.clone(), count)
+        return fold.mean_of_sum(total.clone(), count)
 
     def merge_tensor(self, key: str, slices: Sequence[Tensor]) -> Tensor:
-        return _fused.fold_slices(sum_kernel, slices, divide=True)
+        return fold.fold_slices(sum_kernel, slices, divide=True)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        return _fused.fold_slices(sum_kernel, slices, divide=True, scale=scale) if slices.base is not None else None
+        return fold.fold_slices(sum_kernel, slices, divide=True, scale=scale) if slices.base is not None else None
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         # The GPU kernel divides by T itself, correctly rounded, as mean_of_sum does.
-        many = _fused.fold_many(sum_kernel, slices, divide=True)
+        many = fold.fold_many(sum_kernel, slices, divide=True)
         return many if many is not None else super().merge_tensors(keys, slices)

@@ -22,8 +22,11 @@ Methods are instantiated once per merge with validated options; they may keep pe
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -67,7 +70,7 @@ class TaskSlices(Sequence[Tensor]):
         self.key = key
         self.resident = resident
         """Every slice's inputs are in memory already: a kernel may take all T at once (else at most
-        ``_fused.GROUP`` raw tensors at a time, so that out-of-core memory does not grow with T)."""
+        ``backends.fold.GROUP`` raw tensors at a time, so that out-of-core memory does not grow with T)."""
         self._count = count
         self._load = load
         # θ0 as a tensor, or a loader called when it is first needed: a pass that only asks how the
@@ -138,8 +141,8 @@ class MergeMethod:
     statistic enters), so consecutive tensors may be merged as one flat tensor (the engine does on GPUs)."""
     uses_global_reduce: bool = False
     folds_natively: bool = False
-    """``merge_tensor`` forms every τ_t in the native folds of :mod:`magmax.merging._native` (on CPU, for
-    float32/bfloat16 inputs), which report whether every entry was finite (``_native.finite_watch``):
+    """``merge_tensor`` forms every τ_t in the native folds of :mod:`magmax.merging.backends.cpu` (on CPU, for
+    float32/bfloat16 inputs), which report whether every entry was finite (``backends.finite.finite_watch``):
     the engine may then skip its own NaN/Inf pass over in-memory inputs."""
 
     statistics_check_finite: bool = False
@@ -280,9 +283,16 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-def registry() -> dict[str, type[MergeMethod]]:
-    import magmax.merging  # noqa: F401  (imports every method module, which registers it)
+def discover() -> None:
+    """Import every method module of this folder (each applies @register): a new method is one file here,
+    nothing else to edit. Modules named ``_*``, ``base``, ``fold`` and sub-packages are not methods."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if not info.ispkg and info.name not in ("base", "fold") and not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
 
+
+def registry() -> dict[str, type[MergeMethod]]:
+    discover()
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -28,15 +28,10 @@ result is deterministic and independent of the sort algorithm.
 
 The mask depends only on (tensor, task), so the merge is a fold with one tensor of state (the sum).
 
-How it computes, on CPU (numba, float32 and bfloat16 checkpoints), per group of up to ``_fused.GROUP``
-inputs of a tensor: the exact bounds of every task by :func:`magmax.merging._threshold.tensor_magnitude_ranks`
-(a sample brackets each rank, one counting pass gathers the magnitudes inside the brackets,
-``np.partition`` picks the exact values: ``kthvalue``'s, without sorting each tensor twice per task),
-then one fold pass that sums the banded τ_t in task order and writes θ0 + λ·τ*. With ``ties="exact"``
-the counting pass also says how many magnitudes lie below lo and up to hi; where a tie straddles a bound
-of some input (those counts are not n_bot and n − n_top), the inclusive band would keep too much and the
-tensor is merged by the torch kernel instead. Elsewhere the torch kernel: ``kthvalue`` and ``where`` per
-task. Both make the same float32 additions in the same order.
+How it computes: :func:`breadcrumbs_mask` and a sum in task order are the rule in plain torch (``kthvalue``
+and ``where`` per task). On CPU a backend (``fold.accelerated("breadcrumbs", ...)``) finds the same exact
+bounds without sorting and sums the banded τ_t in one pass per group, writing θ0 + λ·τ*; the same float32
+additions in the same order.
 
 Davari, Belilovsky. "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV 2024.
 arXiv:2312.06795.
@@ -47,15 +42,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from magmax.merging import _fused, _native, _weights
-from magmax.merging._threshold import tensor_magnitude_ranks
+from magmax.merging import _weights, fold
 from magmax.merging.base import MergeMethod, MethodOptions, TaskSlices, register
-from magmax.taskvector import add_scaled
 
 
 class BreadcrumbsOptions(_weights.WeightedOptions):
@@ -141,54 +133,13 @@ class Breadcrumbs(MergeMethod):
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
         return self._native_fold(slices, scale) if slices.base is not None and not _weights.weighted(self) else None
 
-    def bounds(self, base: Tensor | None, inputs: list[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(low_t, high_t) of every input's band (float32; −inf / +inf where that side masks nothing), and
-        per input whether the inclusive band [low_t, high_t] holds exactly the n − n_bot − n_top entries
-        the rule keeps (no tie straddles a bound)."""
-        n = inputs[0].numel()
-        n_bottom, n_top = int(self.options.bottom * n), int(self.options.top * n)
-        positions = ([n_bottom + 1] if n_bottom else []) + ([n - n_top] if n_top else [])
-        values, below, at_most = tensor_magnitude_ranks(base, inputs, positions)
-        exact = np.ones(len(inputs), dtype=bool)
-        if n_bottom:
-            exact &= below[:, 0] == n_bottom
-        if n_top:
-            exact &= at_most[:, -1] == n - n_top
-        low = values[:, 0] if n_bottom else np.full(len(inputs), -np.inf, np.float32)
-        high = values[:, -1] if n_top else np.full(len(inputs), np.inf, np.float32)
-        return low, high, exact
-
     def _native_group(self, state: Tensor, base: Tensor | None, inputs: list[Tensor], first: bool,
                       scale: float | None) -> bool | None:
-        """One group of the fold by the numba kernels: whether it added θ0 (with ``scale``), or None
-        where they do not take the inputs, or a tie straddles a band edge under ``ties="exact"`` (the
-        state is then untouched)."""
-        if not (_native.enabled() and _native.accepts(state, base, inputs, _fused.GROUP)):
-            return None
-        try:
-            low, high, exact = self.bounds(base, inputs)
-            if self.options.ties == "exact" and not exact.all():
-                return None
-            return _native.band_sum_group(state, base, inputs, first, low, high, scale)
-        except Exception as exc:  # the native kernels are an optimisation: the torch kernel is exact too
-            _native.disable(exc)
-            return None
+        """One group of the fold by a backend: whether it added θ0, or None where none takes it."""
+        fast = fold.accelerated(self.name, "group")
+        return None if fast is None else fast(self.options, state, base, inputs, first, scale)
 
     def _native_fold(self, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:
-        """τ* (or θ0 + scale·τ*) group by group; None where the native kernels do not take the inputs."""
-        count = len(slices)
-        state: Tensor | None = None
-        added = False
-        base = None
-        for start, stop, base, xs, shape in _fused.groups(_fused._operands_of(slices), count):
-            if state is None:
-                state = torch.empty(xs[0].numel(), dtype=torch.float32, device=xs[0].device)
-            done = self._native_group(state, base, xs, start == 0, scale if stop == count else None)
-            del xs  # before the next group is read: at most GROUP raw tensors at a time
-            if done is None:
-                return None
-            added = done
-        assert state is not None
-        if scale is not None and not added:
-            add_scaled(base, state, scale, out=state)
-        return state.view(shape)
+        """τ* (or θ0 + scale·τ*) by a backend; None where none takes the inputs."""
+        fast = fold.accelerated(self.name, "fold")
+        return None if fast is None else fast(self.options, slices, scale)

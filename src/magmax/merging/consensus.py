@@ -16,13 +16,10 @@ here it is one value for all tasks, FusionBench's default 0.6 (``tall_mask_lambd
 validation data in the paper, like task arithmetic; the default 0.3 is task arithmetic's.
 The consensus-TIES variant (TIES instead of the sum as τ_MTL) is not offered.
 
-How it computes: every mask needs the final sum, so this is not a fold. On CPU (numba, float32 and
-bfloat16 checkpoints), when a tensor's inputs are in memory or at most ``_fused.GROUP`` of them, one
-kernel walks blocks of entries, summing the block's τ_t in task order and then voting against that
-sum while the block's inputs are still in cache: each input is read from memory once, and θ0 + λ·τ*
-is written in the same pass. Out of core with more inputs, a sum pass and a vote pass over groups of
-``GROUP`` inputs (memory O(1) in T). Elsewhere (other dtypes, a GPU), the torch kernel: two passes over
-the T slices, loading one τ_t at a time. All three make the same float32 operations in the same order.
+How it computes: every mask needs the final sum, so this is not a fold. :func:`consensus_merge` is the
+rule in plain torch: two passes over the T slices, loading one τ_t at a time. On CPU a backend computes
+the same in one read of each input (``fold.accelerated("consensus", "merge")``), with the same float32
+operations in the same order.
 
 Wang, Dimitriadis, Ortiz-Jiménez, Fleuret, Frossard. "Localizing Task Information for Improved Model
 Merging and Compression", ICML 2024. arXiv:2405.07813.
@@ -36,11 +33,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from magmax.merging import _fused, _native, _weights
+from magmax.merging import _weights, fold
 from magmax.merging._subspace import sum_slices
 from magmax.merging.base import MergeMethod, MethodOptions, TaskSlices, register
 from magmax.merging.task_arithmetic import sum_kernel
-from magmax.taskvector import add_scaled
 
 
 class ConsensusOptions(_weights.WeightedOptions):
@@ -81,47 +77,18 @@ class Consensus(MergeMethod):
         if _weights.weighted(self):
             weighted = _weights.WeightedSlices(slices, _weights.weights_for(self, len(slices)))
             return consensus_merge(weighted, self.options.tall_mask_lambda, self.options.k)
-        merged = self._native(slices, None) if _native.enabled() else None
+        merged = self._accelerated(slices, None)
         return merged if merged is not None else consensus_merge(slices, self.options.tall_mask_lambda, self.options.k)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
-        if _weights.weighted(self):
+        if _weights.weighted(self) or slices.base is None:
             return None
-        return self._native(slices, scale) if _native.enabled() and slices.base is not None else None
+        return self._accelerated(slices, scale)
 
-    def _native(self, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:
-        """τ* (or θ0 + scale·τ*) by the numba kernels; None where they do not take the inputs."""
-        try:
-            return self._native_merge(slices, scale)
-        except Exception as exc:  # the native kernels are an optimisation: the torch kernel is exact too
-            _native.disable(exc)
+    def _accelerated(self, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:
+        """τ* (or θ0 + scale·τ*) by a backend's single-pass kernel; None where none takes the inputs."""
+        fast = fold.accelerated(self.name, "merge")
+        if fast is None:
             return None
-
-    def _native_merge(self, slices: Sequence[Tensor], scale: float | None) -> Tensor | None:
-        lam, least = self.options.tall_mask_lambda, self.options.k
-        count = len(slices)
-        operands = _fused._operands_of(slices)
-        size = count if getattr(slices, "resident", False) else _fused.GROUP
-        if count <= size:  # every input in one call: one read of each
-            _, _, base, xs, shape = next(_fused.groups(operands, count, size))
-            if not _native.accepts_inputs(base, xs, size):
-                return None
-            out = torch.empty(xs[0].numel(), dtype=torch.float32)
-            if not _native.consensus_group(out, base, xs, lam, least, scale) and scale is not None:
-                add_scaled(base, out, scale, out=out)
-            return out.view(shape)
-        # Out of core with more inputs than a group: the sum, then the votes, group by group.
-        total = _fused.fold_operands(sum_kernel, operands, count)
-        shape = total.shape
-        total = total.view(-1)
-        votes = torch.zeros(total.shape[0], dtype=torch.int32)
-        base = None
-        for _, _, base, xs, _ in _fused.groups(operands, count):
-            if not _native.accepts_inputs(base, xs, _fused.GROUP):
-                return None  # (other dtypes: rare out of core) the torch kernel starts over
-            _native.tall_votes(total, votes, base, xs, lam)
-            del xs  # before the next group is read: at most GROUP raw tensors at a time
-        merged = total.mul_(votes >= least)
-        if scale is not None:
-            add_scaled(base, merged, scale, out=merged)
-        return merged.view(shape)
+        return fast(slices, scale, self.options.tall_mask_lambda, self.options.k,
+                    lambda operands, count: fold.fold_operands(sum_kernel, operands, count))

@@ -20,8 +20,8 @@ not depend on tensor order or on how the engine splits a tensor, is the same in 
 streaming fold, and the same on CPU and CUDA. Survivors are divided by float32(1 − p), as FusionBench
 divides, rather than multiplied by its inverse.
 
-How it computes: the sum is a fused fold (:func:`dare_kernel`, one pass over the inputs; on CPU the
-numba kernel of :mod:`magmax.merging._native`, which also writes θ0 + λ·τ* in its pass); the TIES
+How it computes: the sum is a fold (:func:`dare_kernel`, plain torch; on CPU a backend runs the same fold
+in one pass over the inputs and also writes θ0 + λ·τ* in it); the TIES
 combination folds the same dropped vectors into the sign-consensus state of :mod:`magmax.merging._sparsify`.
 
 Yu, Yu, Yu, Huang, Li. "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from magmax.merging import _fused, _native, _weights
+from magmax.merging import _weights, fold
 from magmax.merging._sparsify import (
     ConsensusState,
     consensus_init,
@@ -70,16 +70,14 @@ def rescale_bits(p: float) -> int:
     return int(np.array([1.0 - p], dtype=np.float32).view(np.int32)[0])
 
 
-@_fused.native(_native.dare_group)
-def dare_kernel(
-    total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
-) -> None:
+@fold.reference("dare")
+def dare_kernel(total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: fold.Step, ws: fold.Workspace) -> None:
     """Fold ``inputs`` into ``total`` in place: total += where(h_t(i) >= thr, τ_t / float32(1 − p), 0).
 
     ``step.params`` holds one row (k_t, thr, bits of float32(1 − p)) per input.
     """
     assert step.params is not None
-    base32 = _fused.base_f32(base, ws)
+    base32 = fold.base_f32(base, ws)
     spread = spread_indices(step.offset, ws)
     h = ws.buffer(torch.int64)
     tmp = ws.buffer(torch.int64)
@@ -88,7 +86,7 @@ def dare_kernel(
     dropping = ws.buffer(torch.bool)
     rescale = step.params[0, 2:3].to(torch.int32).view(torch.float32)
     for j, x in enumerate(inputs):
-        cur = _fused.tau_of(scratch, x, base32)
+        cur = fold.tau_of(scratch, x, base32)
         hash_draws(spread, step.params[j, 0], h, tmp)
         torch.div(cur, rescale, out=dropped).masked_fill_(torch.lt(h, step.params[j, 1], out=dropping), 0.0)
         if step.first and j == 0:
@@ -121,7 +119,7 @@ class Dare(MergeMethod):
             return float(self.options.scale)
         return Ties.default_scale if self.options.combine == "ties" else self.default_scale
 
-    def _params(self, key: str) -> _fused.ParamsFn:
+    def _params(self, key: str) -> fold.ParamsFn:
         seed, threshold, rescale = self.options.seed, keep_threshold(self.options.p), rescale_bits(self.options.p)
 
         def params(first_t: int, count: int, total: int) -> Tensor:
@@ -132,7 +130,7 @@ class Dare(MergeMethod):
 
     def _dropped(self, tau: Tensor, t: int, key: str) -> Tensor:
         """τ_t dropped and rescaled (a fresh tensor), the same entries as the fold's."""
-        return _fused.fold_operands(dare_kernel, lambda _: (tau, None), 1, lambda first, *_: self._params(key)(t, 1, 0))
+        return fold.fold_operands(dare_kernel, lambda _: (tau, None), 1, lambda first, *_: self._params(key)(t, 1, 0))
 
     def reduce_states(self, states: Iterable[tuple[str, Any]]) -> None:
         self._majority = majority_sign(states)
@@ -144,7 +142,7 @@ class Dare(MergeMethod):
     def update(self, state: Any, tau: Tensor, t: int, key: str) -> Tensor | ConsensusState:
         if self.options.combine == "ties":
             return consensus_update(state, self._dropped(tau, t, key))
-        return _fused.update_state(dare_kernel, state, tau, t, self._params(key))
+        return fold.update_state(dare_kernel, state, tau, t, self._params(key))
 
     def result(self, state: Any, key: str) -> Tensor:
         if self.options.combine == "sum":
@@ -161,10 +159,10 @@ class Dare(MergeMethod):
                 return _weights.weighted_sum(slices, weights, dropped)
             return _weights.weighted_disjoint_mean(slices, weights, dropped)
         if self.options.combine == "sum":
-            return _fused.fold_slices(dare_kernel, slices, self._params(key))
+            return fold.fold_slices(dare_kernel, slices, self._params(key))
         return super().merge_tensor(key, slices)
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
         if self.options.combine == "sum" and slices.base is not None and not _weights.weighted(self):
-            return _fused.fold_slices(dare_kernel, slices, self._params(key), scale=scale)
+            return fold.fold_slices(dare_kernel, slices, self._params(key), scale=scale)
         return None

@@ -14,11 +14,12 @@ kernel uses uint32 lanes, twice as many per vector):
     x = (i·0x61C88647 + k_t) mod 2^32,       k_t = crc32(seed, tensor name, t) < 2^31  (``seed_for``)
     h = (·0x45D9F3B mod 2^32) ∘ xorshift16 ∘ (·0x45D9F3B mod 2^32) ∘ xorshift16 (x),   xorshift16(y) = y ^ (y >> 16)
     replace iff h < ⌈2^32/(t+1)⌉                (probability 1/(t+1) up to 2^-32; always at t = 0)
-    choice = τ_t ^ ((choice ^ τ_t) & keep)      (on the bit patterns; keep = all ones where not replaced)
+    choice = where(h <= ⌈2^32/(t+1)⌉ − 1, τ_t, choice)
 
 h is two multiply–xorshift rounds of the well-known 0x45D9F3B integer hash; its final xorshift is left
 out because the threshold test reads the high bits, which the last multiplication has already mixed.
-The bit-pattern select is MagMax's: ``torch.where`` on CPU is not vectorised.
+The backends run the same draws in one pass (numba, Triton), and an eager torch form that selects on
+the bit patterns; all bit for bit the same as :func:`random_kernel`.
 Marczak et al., MagMax, ECCV 2024 (the "Random" baseline).
 """
 
@@ -29,8 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from magmax.merging import _fused, _native
-from magmax.merging._kernel_fold import KernelFold
+from magmax.merging import fold
 from magmax.merging.base import MethodOptions, register, seed_for
 
 _LOW32 = 0xFFFFFFFF
@@ -47,7 +47,7 @@ def _xorshift16(x: Tensor, tmp: Tensor) -> None:
     x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
-def spread_indices(offset: int, ws: _fused.Workspace) -> Tensor:
+def spread_indices(offset: int, ws: fold.Workspace) -> Tensor:
     """(i·0x61C88647) mod 2^32 for the flat indices i of a chunk starting at ``offset`` (int64)."""
     spread = torch.arange(offset, offset + ws.numel, out=ws.buffer(torch.int64))
     return spread.bitwise_and_(_LOW32).mul_(_SPREAD).bitwise_and_(_LOW32)
@@ -63,37 +63,30 @@ def hash_draws(spread: Tensor, key: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
     return out
 
 
-@_fused.native(_native.random_group, gpu="random")
-def random_kernel(
-    choice: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
-) -> None:
+@fold.reference("random")
+def random_kernel(choice: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: fold.Step, ws: fold.Workspace) -> None:
     """Fold ``inputs`` into ``choice`` in place: take τ_t where h(i; k_t) <= thr_t − 1 (see module).
 
     ``step.params`` holds one row (k_t, ⌈2^32/(t+1)⌉ − 1) per input.
     """
     assert step.params is not None
-    base32 = _fused.base_f32(base, ws)
-    bits = choice.view(torch.int32)
+    base32 = fold.base_f32(base, ws)
     start = 0
     if step.first:  # t = 0 is always taken
-        _fused.tau_into(choice, inputs[0], base32)
+        fold.tau_into(choice, inputs[0], base32)
         start = 1
     spread = spread_indices(step.offset, ws)
     h = ws.buffer(torch.int64)
     tmp = ws.buffer(torch.int64)
-    keep = ws.buffer(torch.int32)
     scratch = ws.buffer(torch.float32)
     for j in range(start, len(inputs)):
-        cur = _fused.tau_of(scratch, inputs[j], base32).view(torch.int32)
+        tau = fold.tau_of(scratch, inputs[j], base32)
         hash_draws(spread, step.params[j, 0], h, tmp)
-        # keep = −1 where h > thr − 1 (the entry stays), 0 where τ_t replaces it
-        torch.sub(step.params[j, 1], h, out=tmp).bitwise_right_shift_(63)
-        keep.copy_(tmp)
-        bits.bitwise_xor_(cur).bitwise_and_(keep).bitwise_xor_(cur)
+        choice.copy_(torch.where(h <= step.params[j, 1], tau, choice))  # τ_t replaces it where h <= thr − 1
 
 
 @register
-class RandomMix(KernelFold):
+class RandomMix(fold.KernelFold):
     name = "random"
     summary = "per parameter, the entry of a uniformly random task"
     reference = "Marczak et al., MagMax, ECCV 2024 (Random baseline)"
@@ -101,7 +94,7 @@ class RandomMix(KernelFold):
     kernel = staticmethod(random_kernel)
     default_scale = 1.0
 
-    def _params(self, key: str) -> _fused.ParamsFn:
+    def _params(self, key: str) -> fold.ParamsFn:
         seed = self.options.seed
 
         def params(first_t: int, count: int, total: int) -> Tensor:

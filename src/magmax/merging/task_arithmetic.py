@@ -5,7 +5,7 @@
 λ is tuned on validation data in the paper (the MagMax reference only sweeps it); the default 0.3 is
 the value Ilharco et al. and FusionBench use for 8 CLIP tasks. Pass ``scale`` to choose another.
 The sum is accumulated in float32 left to right, ((τ_1 + τ_2) + τ_3) + …, the same in the batch and the
-streaming fold; the batch kernel forms each τ_t inside a fused pass (:mod:`magmax.merging._fused`).
+streaming fold; the batch kernel forms each τ_t inside a fused pass (:mod:`magmax.merging.fold`).
 Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. arXiv:2212.04089.
 """
 
@@ -16,27 +16,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from magmax.merging import _fused, _native, _weights
-from magmax.merging._kernel_fold import KernelFold
+from magmax.merging import _weights, fold
 from magmax.merging.base import MethodOptions, TaskSlices, register
 
 
-@_fused.native(_native.sum_group, gpu="sum")
-def sum_kernel(
-    total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: _fused.Step, ws: _fused.Workspace
-) -> None:
+@fold.reference("task_arithmetic")
+def sum_kernel(total: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: fold.Step, ws: fold.Workspace) -> None:
     """Fold ``inputs`` into ``total`` in place: total = total + τ_t, left to right (float32)."""
-    base32 = _fused.base_f32(base, ws)
+    base32 = fold.base_f32(base, ws)
     if step.first:
-        _fused.tau_into(total, inputs[0], base32)
+        fold.tau_into(total, inputs[0], base32)
         inputs = inputs[1:]
     scratch = ws.buffer(torch.float32)
     for x in inputs:
-        total.add_(_fused.tau_of(scratch, x, base32))
+        total.add_(fold.tau_of(scratch, x, base32))
 
 
 @register
-class TaskArithmetic(KernelFold):
+class TaskArithmetic(fold.KernelFold):
     name = "task_arithmetic"
     summary = "sum of the task vectors times λ (λ is usually tuned)"
     reference = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"

@@ -27,10 +27,11 @@ and counts of the positive and of the negative trimmed entries (Σ⁺, Σ⁻, n�
 four tensors of state per tensor. The majority sign m couples all tensors: ``reduce_states`` computes it
 from every tensor's final state, exactly in integers (the reference sums the signs in float32).
 
-Speed: on CPU with float32 or bfloat16 inputs (and numba), the global thresholds of all tasks come
-from one sample → bracket → count-and-gather pass (:mod:`magmax.merging._threshold`, exact, radix
-fallback), and τ* from one fused pass (:func:`magmax.merging._native.ties_group`) that also sums the
-elected-sign balance: about two reads of the models in all. The majority sign is not known before that
+Speed: the rule below (radix select, then the consensus fold) is plain torch. Backends accelerate it
+through hooks (``fold.accelerated("ties", ...)``): the global thresholds of all tasks from one
+sample → bracket → count-and-gather pass (numba on CPU, Triton on GPUs; exact, with the radix select as
+fallback), and τ* from one fused pass that also sums the elected-sign balance: about two reads of the
+models in all. The majority sign is not known before that
 pass; it is guessed from the thresholds' sample, and the tensors whose result depended on it (an
 elected sign of exactly 0 with surviving entries) are merged again when the guess was wrong
 (``defers_global_reduce``): exact either way.
@@ -54,7 +55,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from magmax.merging import _fused, _gpu, _gpu_ties, _native, _weights
+from magmax.merging import _weights, fold
 from magmax.merging._sparsify import (
     ConsensusState,
     consensus_init,
@@ -62,12 +63,13 @@ from magmax.merging._sparsify import (
     consensus_update,
     elected_sign_balance,
     global_topk_threshold,
+    keep_fraction,
     majority_sign,
+    population_position,
     topk_threshold,
     trim,
     zero_sign_ambiguity,
 )
-from magmax.merging._threshold import global_topk_thresholds
 from magmax.merging.base import (
     MergeMethod,
     MethodOptions,
@@ -153,9 +155,22 @@ class Ties(MergeMethod):
                                                     self.options.zero_entries)
 
     def observe_tasks(self, tensors: SlicesStream, count: int, total_numel: int) -> None:
-        thresholds = global_topk_thresholds(tensors, count, total_numel, self.options.k, self.options.zero_entries)
-        self._thresholds.update(enumerate(thresholds.values))
-        self._guess = 1 if thresholds.sample is None else sampled_majority(thresholds.sample, thresholds.values)
+        """κ_t of every task: exact radix selects (:func:`global_topk_threshold`), after a backend's
+        sample-and-bracket pass where one runs (it finds them all in about one read; a task it leaves
+        undecided, None, takes the radix select). The bracket's sample also gives the guess of m."""
+        k, zeros = self.options.k, self.options.zero_entries
+        position = None if keep_fraction(k) >= 1 or total_numel == 0 else population_position(total_numel, k, zeros)
+        if position is None:
+            self._thresholds.update((t, None) for t in range(count))
+            return
+        fast = fold.accelerated(self.name, "thresholds")
+        bracketed = None if fast is None else fast(tensors, count, total_numel, position)
+        found, sample = bracketed if bracketed is not None else ([None] * count, None)
+        values = [value if value is not None else
+                  global_topk_threshold(lambda t=t: (slices[t] for _, slices in tensors()), k, zeros)
+                  for t, value in enumerate(found)]
+        self._thresholds.update(enumerate(values))
+        self._guess = 1 if sample is None else sampled_majority(sample, values)
 
     def reduce_states(self, states: Iterable[tuple[str, ConsensusState]]) -> None:
         """m from every tensor's final fold state."""
@@ -203,7 +218,8 @@ class Ties(MergeMethod):
 
     def merge_into_base(self, key: str, slices: TaskSlices, scale: float) -> Tensor | None:
         """θ0 + scale·τ*: written by the fused CPU pass where it runs, else added after the torch fold."""
-        if _weights.weighted(self) or slices.base is None or not _native.enabled() or not _native.can_add_base(True):
+        adds_base = fold.accelerated(self.name, "adds_base")
+        if _weights.weighted(self) or slices.base is None or adds_base is None or not adds_base():
             return None
         return self._merged(key, slices, scale)
 
@@ -228,27 +244,24 @@ class Ties(MergeMethod):
         return merged
 
     def merge_tensors(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        """All tensors at once on a GPU when their inputs are all in GPU memory (``_gpu_ties``), else key by key."""
+        """All tensors at once on a GPU when their inputs are all in GPU memory (a backend's), else key by key."""
         merged = None if _weights.weighted(self) else self._gpu_merge(keys, slices)
         return merged if merged is not None else super().merge_tensors(keys, slices)
 
     def _gpu_merge(self, keys: Sequence[str], slices: Sequence[Sequence[Tensor]]) -> list[Tensor] | None:
-        if self.options.threshold != "global" or not keys or not _gpu.possible():
+        """τ* of every tensor at once by a backend (models in GPU memory); None where none takes them."""
+        fast = fold.accelerated(self.name, "merge_many")
+        if fast is None or self.options.threshold != "global" or not keys:
             return None
         count = len(slices[0])
         if any(t not in self._thresholds for t in range(count)):
             return None
         final = self._majority is not None
         majority = self._majority if final else self._guess
-        try:
-            model = _gpu_ties.resident(slices)
-            if model is None:
-                return None
-            merged, balance, ambiguous = _gpu_ties.merge(model, [self._thresholds[t] for t in range(count)],
-                                                         majority > 0)
-        except Exception as exc:  # the Triton kernels are an optimisation: the torch fold gives the same
-            _gpu.disable(exc)
+        found = fast(slices, [self._thresholds[t] for t in range(count)], majority > 0)
+        if found is None:
             return None
+        merged, balance, ambiguous = found
         if not final:
             self._balance += balance
             self._provisional.extend(key for key, n in zip(keys, ambiguous) if n)
@@ -257,13 +270,16 @@ class Ties(MergeMethod):
     def _native_pass(
         self, slices: Sequence[Tensor], majority_positive: bool, scale: float | None = None
     ) -> tuple[Tensor, int, int] | None:
-        """The fused CPU fold (global thresholds only): (τ*, or θ0 + scale·τ*; balance, ambiguous); None
-        if it cannot run."""
-        try:
-            return self._native_fold(slices, majority_positive, scale)
-        except Exception as exc:  # the native kernels are an optimisation: the torch fold gives the same result
-            _native.disable(exc)
+        """A backend's fused fold (global thresholds only): (τ*, or θ0 + scale·τ*; balance, ambiguous);
+        None if none can run."""
+        fast = fold.accelerated(self.name, "fold")
+        count = len(slices)
+        if fast is None or self.options.threshold != "global" or count == 0:
             return None
+        if any(t not in self._thresholds for t in range(count)):
+            return None
+        return fast(slices, [self._thresholds[t] for t in range(count)], majority_positive, scale,
+                    self._scratch_state)
 
     def _scratch_state(self, numel: int) -> tuple[np.ndarray, ...]:
         """The fold state between groups (Σ⁺, Σ⁻, n⁺, n⁻), one buffer reused for every tensor of a merge:
@@ -271,34 +287,6 @@ class Ties(MergeMethod):
         if self._scratch is None or self._scratch.shape[1] < numel:
             self._scratch = np.empty((4, numel), np.float32)
         return tuple(self._scratch[r, :numel] for r in range(4))
-
-    def _native_fold(
-        self, slices: Sequence[Tensor], majority_positive: bool, scale: float | None
-    ) -> tuple[Tensor, int, int] | None:
-        operands = getattr(slices, "operands", None)
-        count = len(slices)
-        if operands is None or self.options.threshold != "global" or not _native.enabled() or count == 0:
-            return None
-        if any(t not in self._thresholds for t in range(count)):
-            return None
-        kappas = [-1.0 if self._thresholds[t] is None else self._thresholds[t] for t in range(count)]
-        state = out = None
-        balance = ambiguous = 0
-        shape = None
-        # Inputs already in memory: all tasks in one group (no fold state written between groups).
-        size = count if getattr(slices, "resident", False) else _fused.GROUP
-        for start, stop, base, xs, shape in _fused.groups(operands, count, size):
-            if not _native.accepts_inputs(base, xs, size):
-                return None
-            numel = xs[0].numel()
-            if out is None:
-                out = torch.empty(numel, dtype=torch.float32)
-            if state is None and count > size:
-                state = self._scratch_state(numel)
-            balance, ambiguous = _native.ties_group(state, out, base, xs, kappas[start:stop], start == 0,
-                                                    stop == count, majority_positive, scale)
-            del xs, base
-        return out.view(shape), balance, ambiguous
 
     def result(self, state: ConsensusState, key: str) -> Tensor:
         if self._majority is None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from helpers import needs_native
 
 import magmax
 from magmax.engine import DictReader, DictWriter, MergeRun
@@ -412,11 +413,11 @@ class CountingReader(DictReader):
 @pytest.mark.parametrize(
     "name,options,reads",
     [
-        ("ties", {}, 3),  # sample + count-and-gather (thresholds) + merge pass (the majority sign deferred)
+        pytest.param("ties", {}, 3, marks=needs_native),  # sample + count-and-gather (thresholds) + merge pass (the majority sign deferred)
         ("ties", {"threshold": "per_tensor"}, 1),  # no statistics pass: thresholds are found in the fold
         ("dare", {}, 1),
         ("dare", {"combine": "ties"}, 2),
-        ("breadcrumbs", {}, 1),
+        pytest.param("breadcrumbs", {}, 1, marks=needs_native),  # the numba pass reads each input once
     ],
 )
 def test_engine_reads_each_task_vector_only_as_often_as_the_method_needs(name, options, reads):
@@ -595,6 +596,7 @@ def test_breadcrumbs_does_not_alias_its_inputs():
     assert float(m.task_vector()["s"]) == 3.0 and float(tau1) == 1.0
 
 
+@needs_native
 @pytest.mark.parametrize("guess", ["sampled", "wrong"])
 @pytest.mark.parametrize("lean", [1, -1])
 def test_ties_batch_merge_defers_the_majority_sign_exactly(guess, lean, monkeypatch):

@@ -5,10 +5,11 @@ elementwise op and a pass to write the running state back: 5–10× the bandwidt
 once, write the result once). Here a method writes its fold as a *group kernel*
 ``kernel(state, base, inputs, step, ws)``: it updates the running state **in place** by up to
 :data:`GROUP` inputs, forming each τ_t itself from the raw tensors (``TaskSlices.operands``), with
-``out=`` / in-place torch ops on scratch buffers taken from ``ws``. On CPU a kernel that names a numba
-twin (:func:`native`) runs that instead, when numba is there and the inputs are float32 or bfloat16
-(:mod:`magmax.merging._native`: one pass, no compile at merge time). Otherwise this module runs a group
-kernel
+``out=`` / in-place torch ops on scratch buffers taken from ``ws``. A method tags its kernel with its
+name (:func:`reference`); what the backends registered under that name (:mod:`.registry`) runs instead
+where :mod:`.select` says so: a numba group on CPU (float32/bfloat16 inputs), the Triton op for many
+tensors at once on a GPU (:func:`fold_many`). Otherwise this module runs the kernel (or its registered
+eager form, same bits)
 
 * eagerly over cache-sized chunks, spread over ``torch.get_num_threads()`` threads: the state chunk and
   the scratch stay in cache, so each input is read from memory once and the state is written once per
@@ -19,32 +20,27 @@ kernel
 Both run the same IEEE-754 operations on every element in the same order, so they agree bit for bit
 (inductor compiles without -funsafe-math-optimizations, so nothing is reassociated); the tests check it.
 
-Compiling costs seconds (about 3 s with a warm inductor cache, 10–20 s cold, per group shape), so it is
-governed by :func:`set_compile_mode`: ``"never"``, ``"always"``, or ``"auto"`` (default, also set by the
-``MAGMAX_COMPILE`` environment variable). ``auto`` rents before it buys: it runs eagerly until this
-process has spent ``MAGMAX_COMPILE_AFTER_S`` seconds (default 30) in eager group kernels, then compiles
-— a small merge never pays a compile, a large one pays at most about twice the better choice.
+Compiling costs seconds (about 3 s with a warm inductor cache, 10–20 s cold, per group shape): when
+to compile is the policy of :mod:`magmax.merging.backends.select`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from magmax.errors import ConfigError
-from magmax.merging import _gpu, _native
+from magmax.merging.backends import registry, select
+from magmax.merging.backends.finite import report as report_finite
+from magmax.merging.backends.cpu import native as _native
+from magmax.merging.backends.gpu import triton as _gpu
 from magmax.taskvector import add_scaled
-
-log = logging.getLogger(__name__)
 
 GROUP = 8
 """Inputs folded per kernel call: the state is read and written once per group, and at most this many
@@ -54,11 +50,6 @@ CHUNK = 32768
 """Elements per eager chunk. ATen runs an op on at most 32768 elements (its grain size) on the calling
 thread, so no op pays an OpenMP hand-off, and a few chunk-sized buffers stay in L2."""
 
-MIN_COMPILE_NUMEL = 4096
-"""Smaller tensors always run eagerly (a compiled call has a fixed cost of tens of microseconds)."""
-
-CompileMode = Literal["auto", "always", "never"]
-_MODES: tuple[str, ...] = ("auto", "always", "never")
 _F32 = torch.float32
 # float32 holds these exactly, so ``x − θ0`` promoted to float32 equals float32(x) − float32(θ0).
 _EXACT_IN_F32 = (torch.float32, torch.bfloat16, torch.float16)
@@ -105,20 +96,20 @@ class GroupKernel(Protocol):
     def __call__(self, state: Tensor, base: Tensor | None, inputs: Sequence[Tensor], step: Step, ws: Workspace) -> None: ...
 
 
-def native(group: _native.NativeGroup | None, gpu: str | None = None) -> Callable[[GroupKernel], GroupKernel]:
-    """Decorator: ``group`` (from :mod:`magmax.merging._native`) runs this kernel's groups on CPU when it
-    can; ``gpu`` names the op of :func:`magmax.merging._gpu.fold` that runs them on a GPU, many tensors at
-    once (:func:`fold_many`).
+def reference(method: str) -> Callable[[GroupKernel], GroupKernel]:
+    """Decorator: this torch group kernel is the reference fold of ``method``; the backends register their
+    accelerated forms of it under that name (:func:`magmax.merging.backends.registry.register_fold`)."""
 
-    Both must compute exactly what the torch kernel computes (the tests compare bits).
-    """
-
-    def attach(kernel: GroupKernel) -> GroupKernel:
-        kernel.native = group  # type: ignore[attr-defined]
-        kernel.gpu = gpu  # type: ignore[attr-defined]
+    def tag(kernel: GroupKernel) -> GroupKernel:
+        kernel.method = method  # type: ignore[attr-defined]
         return kernel
 
-    return attach
+    return tag
+
+
+def accelerated(kernel: GroupKernel) -> registry.FoldKernels:
+    """What the backends registered for ``kernel``'s method."""
+    return registry.fold_kernels(getattr(kernel, "method", None))
 
 
 ParamsFn = Callable[[int, int, int], Tensor]
@@ -166,7 +157,7 @@ def fold_slices(
     ``divide``: divided by T (:func:`mean_of_sum`); ``scale``: the merged model θ0 + scale·τ* instead of
     τ* (:func:`magmax.taskvector.add_scaled`; only for slices formed from θ0). Both in the fold's last
     pass where its kernel can, else after it."""
-    return fold_operands(kernel, _operands_of(slices), len(slices), params, divide, scale)
+    return fold_operands(kernel, operands_of(slices), len(slices), params, divide, scale)
 
 
 def mean_of_sum(total: Tensor, count: int) -> Tensor:
@@ -184,12 +175,12 @@ def fold_many(
     divide: bool = False,
 ) -> list[Tensor] | None:
     """The folds of several tensors (``slices[s]``: tensor s's T slices) on a GPU, one launch per group of
-    inputs and chunk of tensors (:mod:`magmax.merging._gpu`); ``divide``: each result divided by T (the
+    inputs and chunk of tensors (:mod:`magmax.merging.backends.gpu.triton`); ``divide``: each result divided by T (the
     mean). Results may share storage. None when that path cannot take them (no triton, not on a GPU,
     other dtypes): the caller folds tensor by tensor. Inputs already in memory go in one group; else
-    groups of :data:`GROUP`. Reports to ``_native.finite_watch`` whether every τ sum was finite."""
-    op = getattr(kernel, "gpu", None)
-    if op is None or not slices or not _gpu.possible():
+    groups of :data:`GROUP`. Reports to ``backends.finite.finite_watch`` whether every τ sum was finite."""
+    op = accelerated(kernel).gpu
+    if op is None or not slices or not select.gpu_possible():
         return None
     count = len(slices[0])
     if count < 1 or any(len(s) != count for s in slices):
@@ -275,7 +266,7 @@ def _fold_many(
     if finite is not None and _gpu.counts_finite(op):
         total = sum(c.segments.total for c in chunks.values())
         for (start, stop), found in zip(groups, finite.tolist()):  # the one wait for the GPU
-            _native._report(found, total, stop - start, bool(has_base))
+            report_finite(found, total, stop - start, bool(has_base))
     views = [view for c in chunks.values() for view in c.segments.views(c.state)]
     return [view.view(shape) for view, shape in zip(views, shapes)]
 
@@ -288,7 +279,7 @@ def _ranges_of(slices: Sequence[Tensor]) -> Callable[[int, int], tuple[list[Tens
     return lambda start, stop: (list(slices[start:stop]), None)  # type: ignore[index]
 
 
-def _operands_of(slices: Sequence[Tensor]) -> Callable[[int], tuple[Tensor, Tensor | None]]:
+def operands_of(slices: Sequence[Tensor]) -> Callable[[int], tuple[Tensor, Tensor | None]]:
     operands = getattr(slices, "operands", None)
     if operands is not None:
         return operands
@@ -363,28 +354,32 @@ def run_group(
     scale: float | None = None,
 ) -> None:
     """Apply ``kernel`` to flat, equally long tensors: by its numba twin on CPU when it has one and the
-    inputs suit it (:mod:`magmax.merging._native`), compiled when :func:`_use_compiled` says so, else
+    inputs suit it (:mod:`magmax.merging.backends.cpu.native`), compiled when :func:`select.group_path` says so, else
     chunked. Then, unless the numba kernel did it in the same pass, divide the state by ``divisor``
     (:func:`mean_of_sum`) and make it θ0 + scale·state (:func:`add_scaled`, θ0 = ``base``)."""
     if params is not None:
         params = params.to(state.device)
     finished = False
-    group = getattr(kernel, "native", None)
+    fast = accelerated(kernel)
+    kernel = fast.eager or kernel  # the same bits, faster on CPU
+    path = select.group_path(fast.cpu is not None, state, base, inputs, GROUP)
     ran = False
-    if group is not None and _native.enabled() and _native.accepts(state, base, inputs, GROUP):
+    if path == "numba":
+        assert fast.cpu is not None
         try:
-            finished = group(state, base, inputs, first, last, params, GROUP, divisor, scale)
+            finished = fast.cpu(state, base, inputs, first, last, params, GROUP, divisor, scale)
             ran = True
         except Exception as exc:  # a native kernel is an optimisation: fall back to the torch kernel
             _native.disable(exc)
+            path = select.group_path(False, state, base, inputs, GROUP)
     numel = state.shape[0]
-    if not ran and _use_compiled(numel, state.device):
+    if path == "compiled":
         try:
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 _compiled(kernel, first, last, len(inputs))(state, base, params, *inputs)
             ran = True
         except Exception as exc:  # compiling is an optimisation: any failure falls back to eager, for good
-            _disable_compile(exc)
+            select.disable_compile(exc)
     if not ran:  # eagerly: one chunk on a GPU; on CPU cache-sized chunks over threads of our own
         began = time.perf_counter()
         if state.device.type != "cpu":  # a GPU runs each op over the whole tensor
@@ -408,8 +403,7 @@ def run_group(
                 ]
                 for job in jobs:
                     job.result()
-        global _eager_seconds
-        _eager_seconds += time.perf_counter() - began
+        select.spent_eager(time.perf_counter() - began)
     if not finished:
         if divisor is not None:
             mean_of_sum(state, divisor)
@@ -465,66 +459,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-# -- compile policy ----------------------------------------------------------------------------------
-
-_mode: str = os.environ.get("MAGMAX_COMPILE", "auto").strip().lower() or "auto"
-_compile_after_s = float(os.environ.get("MAGMAX_COMPILE_AFTER_S", "30"))
-_eager_seconds = 0.0
-_compile_failed = False
-_compiled_cache: dict[tuple[object, ...], Callable[..., Tensor]] = {}
 # Every group shape (kernel × first/last × arity × dtypes) is one dynamo cache entry of the same entry
 # function; dynamo's default limit of 8 would silently fall back to eager past it.
 _RECOMPILE_LIMIT = 256
 
 
-def set_compile_mode(mode: CompileMode) -> None:
-    """Choose when group kernels are compiled: ``"auto"`` (after enough eager time), ``"always"``, ``"never"``."""
-    global _mode
-    if mode not in _MODES:
-        raise ConfigError(f"compile mode '{mode}' is unknown; choose one of: {', '.join(_MODES)}")
-    _mode = mode
-
-
-def compile_mode() -> str:
-    return _mode
-
-
-def _use_compiled(numel: int, device: torch.device) -> bool:
-    if _mode not in _MODES:
-        raise ConfigError(f"MAGMAX_COMPILE='{_mode}' is unknown; set it to one of: {', '.join(_MODES)}")
-    if _mode == "never" or _compile_failed or numel < MIN_COMPILE_NUMEL:
-        return False
-    if _mode == "auto" and _eager_seconds < _compile_after_s:
-        return False
-    return _compiler_available(device)
-
-
-def _compiler_available(device: torch.device) -> bool:
-    if device.type == "cpu":
-        return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    return False
-
-
-def _disable_compile(exc: Exception) -> None:
-    global _compile_failed
-    _compile_failed = True
-    log.warning("magmax: torch.compile of a merge kernel failed (%s: %s); merging eagerly from now on",
-                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-
-
 def _compiled(kernel: GroupKernel, first: bool, last: bool, arity: int) -> Callable[..., Tensor]:
     key = (kernel, first, last, arity)
-    if key not in _compiled_cache:
+    if key not in select._compiled_cache:
 
         def entry(state: Tensor, base: Tensor | None, params: Tensor | None, *inputs: Tensor) -> Tensor:
             kernel(state, base, inputs, Step(first, last, params, 0), Workspace(state))
             return state
 
-        _compiled_cache[key] = torch.compile(entry, dynamic=True, fullgraph=True)
-    return _compiled_cache[key]
+        select._compiled_cache[key] = torch.compile(entry, dynamic=True, fullgraph=True)
+    return select._compiled_cache[key]

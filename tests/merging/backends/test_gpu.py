@@ -1,7 +1,7 @@
 """The Triton multi-tensor folds (the GPU path), run in Triton's interpreter on CPU tensors.
 
 Bit for bit against the torch group kernels (which the numba kernels also equal), through
-``_gpu.fold``, ``_fused.fold_many`` (one group and groups of ``GROUP``) and the engine's handing of runs
+``backends.gpu.triton.fold``, ``backends.fold.fold_many`` (one group and groups of ``GROUP``) and the engine's handing of runs
 of tensors. On a machine with CUDA these are skipped: tests/test_cuda.py runs the compiled kernels there.
 """
 
@@ -11,12 +11,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import SHAPES, assert_state_dicts_bitwise_equal, make_finetuned, make_state_dict
+from helpers import SHAPES, assert_state_dicts_bitwise_equal, make_finetuned, make_state_dict, needs_native
 
 import magmax
 from magmax.engine import DictReader, DictWriter, MergeRun
 from magmax.errors import MergeInputError
-from magmax.merging import _fused, _gpu, create_method
+from magmax.merging import create_method
+from magmax.merging.backends import brackets
+from magmax.merging.backends import fold as _fused
+from magmax.merging.backends.gpu import ties as _gpu_ties
+from magmax.merging.backends.gpu import triton as _gpu
 from magmax.merging.base import TaskSlices
 from magmax.merging.magmax import magmax_kernel
 from magmax.merging.random import random_kernel
@@ -155,6 +159,7 @@ def test_merge_tensors_equals_merge_tensor(method, resident, chunk_numel, monkey
         assert_bits(value, m.merge_tensor(key, slices(key)), f"{method} {key}")
 
 
+@needs_native
 @pytest.mark.parametrize("method", ["magmax", "average", "task_arithmetic", "random"])
 def test_engine_hands_runs_of_tensors_to_the_gpu_folds(method, monkeypatch):
     """Bucketed (as on a GPU), the merge equals the per-tensor CPU merge and the NaN/Inf check rides in
@@ -249,11 +254,11 @@ def ties_merge_all(base, fts, **options):
 @pytest.mark.parametrize("quantum", [None, 0.125])
 @pytest.mark.parametrize("options", [{}, {"k": 0.5}, {"k": 0.03}])
 def test_ties_on_the_gpu_path_equals_the_cpu_path(options, quantum, monkeypatch):
-    monkeypatch.setattr("magmax.merging._threshold.SAMPLE", 4096)  # a strided sample, as in large models
+    monkeypatch.setattr(brackets, "SAMPLE", 4096)  # a strided sample, as in large models
     base, fts = ties_models(quantum=quantum)
     fallbacks = []
-    real_radix = magmax.merging._threshold.global_topk_threshold
-    monkeypatch.setattr("magmax.merging._threshold.global_topk_threshold",
+    real_radix = magmax.merging.ties.global_topk_threshold
+    monkeypatch.setattr(magmax.merging.ties, "global_topk_threshold",
                         lambda *a: fallbacks.append(1) or real_radix(*a))
     got, gpu_method = ties_merge_all(base, fts, **options)
     if quantum is None:
@@ -275,8 +280,6 @@ def test_ties_gpu_path_recovers_from_a_wrong_guess_and_a_missed_bracket(wrong, m
     monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "0")
     want, cpu_method = ties_merge_all(base, fts)
     monkeypatch.setenv("MAGMAX_TRITON_INTERPRET", "1")
-    from magmax.merging import _gpu_ties
-
     if wrong == "guess":
         monkeypatch.setattr(magmax.merging.ties, "sampled_majority", lambda sample, kappas: -cpu_method._guess)
     else:
@@ -293,8 +296,6 @@ def test_ties_gpu_path_recovers_from_a_wrong_guess_and_a_missed_bracket(wrong, m
 def test_engine_merges_ties_of_models_in_gpu_memory_all_at_once(guess, monkeypatch):
     """Models already on the (here: interpreted) device: the engine hands TIES every tensor at once, for
     its statistics and its merge; a wrong majority guess re-merges the provisional tensors by key."""
-    from magmax.merging import _gpu_ties
-
     base, fts = ties_models(count=4, seed=7)
     base["half"] = torch.zeros(5, 3, dtype=torch.bfloat16)  # its own bucket (dtype), with elected signs of 0:
     for i, ft in enumerate(fts):  # τ = +2 and −2 survive the trim and cancel, so the majority decides

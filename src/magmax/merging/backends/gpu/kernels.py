@@ -1,6 +1,6 @@
 """Triton multi-tensor folds: every tensor of a bucket and every input of a group in one launch.
 
-Imported only by :mod:`magmax.merging._gpu`, when triton is installed. One program merges BLOCK
+Imported only by :mod:`magmax.merging.backends.gpu.triton`, when triton is installed. One program merges BLOCK
 consecutive entries of one tensor ("segment"); a per-block table says which segment and where in it.
 The inputs come as a table of addresses (``table[S + t·S + s]``: input t of segment s), so any number of
 tensors and tasks go in one launch with nothing concatenated or stacked, and each entry of each input is
@@ -121,7 +121,7 @@ def fold_segments(
 
 
 # -- TIES (global thresholds): sample, count and gather, merge -------------------------------------
-# The same three steps as the CPU kernels of magmax.merging._threshold and _native: a strided sample
+# The same three steps as the CPU kernels of magmax.merging.backends.cpu.threshold and .native: a strided sample
 # brackets each task's k-th magnitude, one pass counts below the bracket and gathers what lies inside
 # (the k-th is then selected exactly from the gathered values), one pass merges. All T inputs of every
 # segment in one launch per chunk (the inputs are in memory already).

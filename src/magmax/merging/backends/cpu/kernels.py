@@ -1,4 +1,4 @@
-"""The numba kernels behind :mod:`magmax.merging._native` (imported on first use: numba takes ~0.5 s to import).
+"""The numba kernels behind :mod:`magmax.merging.backends.cpu.native` (imported on first use: numba takes ~0.5 s to import).
 
 Plain loops, compiled without fast-math (so nothing is reassociated or contracted into an FMA but the
 one written as such, ``_fma``) and cached on disk (``cache=True``). ``# pragma: no cover``: coverage cannot see inside compiled code.

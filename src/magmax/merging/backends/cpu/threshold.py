@@ -17,125 +17,82 @@ update per entry. Here all tasks are served together, and the histogram is repla
    back to the exact radix select. The sample only decides the speed, never the result.
 
 A subsample of the sample goes back to the caller (TIES guesses its majority sign from it). The
-kernels are numba's (:mod:`magmax.merging._native`), all tasks of a tensor in one call when its inputs
-are in memory already, else in groups of ``_fused.GROUP``; blocks of tasks run on torch's threads.
+kernels are numba's (:mod:`magmax.merging.backends.cpu.native`), all tasks of a tensor in one call when its inputs
+are in memory already, else in groups of ``GROUP``; blocks of tasks run on torch's threads.
 Tensors that are not float32/bfloat16 on the CPU (or no numba) take the radix select for every task.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
 
-from magmax.merging import _fused, _gpu, _native
-from magmax.merging._sparsify import global_topk_threshold, keep_fraction, population_position
-from magmax.merging.base import TaskSlices
+from magmax.merging.backends import select
+from magmax.merging.backends.brackets import KEPT_SAMPLE, bracket_ranks, gather_capacity, sample_stride
+from magmax.merging.backends.cpu import native as _native
+from magmax.merging.backends.fold import GROUP, groups
+from magmax.merging.backends.gpu import ties as gpu_ties
+from magmax.merging.backends.gpu import triton as _gpu
+from magmax.merging.backends.registry import register_hook
 
-SAMPLE = 1 << 19
-"""Target sample size per task (4 MiB of float32 each; fewer when many tasks, see ``SAMPLE_BYTES``)."""
+if TYPE_CHECKING:
+    from magmax.merging.base import TaskSlices
 
-SAMPLE_BYTES = 1 << 28
-"""At most this much memory (256 MiB) for the samples of all tasks together."""
-
-KEPT_SAMPLE = 1 << 18
-"""At most about this many sampled positions are returned (1 MiB per task)."""
-
-GATHER_CAP = 1 << 23
-"""At most this many bracketed magnitudes are kept per task (32 MiB); more means a radix fallback."""
-
-SlicesStream = Callable[[], Iterator[tuple[str, TaskSlices]]]
+SlicesStream = Callable[[], Iterator[tuple[str, "TaskSlices"]]]
 
 
 class _NotNative(Exception):
     """A tensor the native kernels do not take (not float32 / not on the CPU)."""
 
 
-def _native_groups(slices: TaskSlices, first: int, count: int) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
+def _native_groups(slices: "TaskSlices", first: int, count: int) -> Iterator[tuple[int, int, Tensor | None, list[Tensor]]]:
     """Groups of the tasks first..first+count−1 (``start``, ``stop`` counted from ``first``)."""
-    size = count if slices.resident else _fused.GROUP  # in memory already: every task in one call
+    size = count if slices.resident else GROUP  # in memory already: every task in one call
     operands = slices.operands if first == 0 else (lambda t: slices.operands(first + t))
-    for start, stop, base, xs, _ in _fused.groups(operands, count, size):
+    for start, stop, base, xs, _ in groups(operands, count, size):
         if not _native.accepts_inputs(base, xs, size):
             raise _NotNative
         yield start, stop, base, xs
         del xs, base  # before the next group is read: at most one group of raw tensors at a time
 
 
-@dataclass
-class Thresholds:
-    values: list[float | None]
-    """κ_t for t = 0..count−1 (``None``: keep everything)."""
-    sample: np.ndarray | Tensor | None = None
-    """count × S: τ_t at S positions of the model spread evenly, the same for every task (when sampled;
-    on the GPU when the GPU kernels took it)."""
-
-
-def global_topk_thresholds(stream: SlicesStream, count: int, total_numel: int, k: float, zeros: int = 0) -> Thresholds:
-    """κ_t for t = 0..count−1 over the whole flattened task vectors (plus ``zeros`` zero entries not
-    passed, see :func:`~magmax.merging._sparsify.population_position`), and the sample that bracketed them."""
-    if keep_fraction(k) >= 1 or total_numel == 0:
-        return Thresholds([None] * count)
-    position = population_position(total_numel, k, zeros)
-    if position is None:
-        return Thresholds([None] * count)
-    found: list[float | None] = [None] * count
-    sample: np.ndarray | Tensor | None = None
+@register_hook("ties", "thresholds")
+def bracketed_thresholds(stream: SlicesStream, count: int, total: int,
+                         position: int) -> tuple[list[float | None], np.ndarray | Tensor] | None:
+    """κ_t (1-based ascending rank ``position`` of |τ_t| over the ``total`` entries of the model) for
+    t = 0..count−1 by sample → bracket → count and gather, on the GPU when every tensor's inputs are in
+    GPU memory, else by the numba kernels; and the sample (count × S) that bracketed them. A κ_t is None
+    where its bracket did not decide (the caller's exact radix select does); the whole answer is None
+    where neither backend takes the inputs."""
     on_gpu = _gpu_bracketed(stream, position)
     if on_gpu is not None:
-        found, sample = on_gpu
-    elif _native.enabled():
-        try:
-            found, sample = _bracketed(stream, count, total_numel, position)
-        except _NotNative:
-            pass
-        except Exception as exc:  # the native kernels are an optimisation: the radix select is exact too
-            _native.disable(exc)
-    values = [value if value is not None else _radix(stream, t, k, zeros) for t, value in enumerate(found)]
-    return Thresholds(values, sample)
+        return on_gpu
+    if not _native.enabled():
+        return None
+    try:
+        return _bracketed(stream, count, total, position)
+    except _NotNative:
+        return None
+    except Exception as exc:  # the native kernels are an optimisation: the radix select is exact too
+        _native.disable(exc)
+        return None
 
 
 def _gpu_bracketed(stream: SlicesStream, position: int) -> tuple[list[float | None], Tensor] | None:
-    """The same steps by the GPU kernels (:mod:`magmax.merging._gpu_ties`) when every tensor's inputs are
-    in GPU memory; None where they do not apply (or failed: then they are off for the process)."""
-    if not _gpu.possible():
+    """The same steps by the GPU kernels (:mod:`magmax.merging.backends.gpu.ties`) when every tensor's
+    inputs are in GPU memory; None where they do not apply (or failed: then they are off for the process)."""
+    if not select.gpu_possible():
         return None
-    from magmax.merging import _gpu_ties  # it builds on this module's bracket arithmetic
-
     try:
-        model = _gpu_ties.resident([slices for _, slices in stream()])
-        return None if model is None else _gpu_ties.bracketed(model, position)
+        model = gpu_ties.resident([slices for _, slices in stream()])
+        return None if model is None else gpu_ties.bracketed(model, position)
     except Exception as exc:  # the Triton kernels are an optimisation: the other paths are exact too
         _gpu.disable(exc)
         return None
-
-
-def _radix(stream: SlicesStream, t: int, k: float, zeros: int) -> float | None:
-    return global_topk_threshold(lambda: (slices[t] for _, slices in stream()), k, zeros)
-
-
-def sample_stride(total: int, count: int) -> int:
-    """Every how many positions of the model the sample takes τ (about ``SAMPLE`` values per task)."""
-    return max(1, total // min(SAMPLE, SAMPLE_BYTES // (4 * count)))
-
-
-def bracket_ranks(taken: int, total: int, position: int) -> tuple[int, int]:
-    """0-based ranks in the sorted sample of the bracket's ends around the quantile (position − ½)/total:
-    five binomial standard deviations and 32 ranks to each side (P(miss) ≈ 3e-7 per side). An end
-    outside 0..taken−1 means no bound on that side."""
-    quantile = (position - 0.5) / total
-    margin = 5.0 * math.sqrt(max(taken * quantile * (1 - quantile), 1.0)) + 32
-    return math.floor(quantile * taken - margin), math.ceil(quantile * taken + margin)
-
-
-def gather_capacity(lo_index: int, hi_index: int, taken: int, total: int) -> int:
-    """Room per task for the gathered magnitudes: twice the bracket's share of the model (a little more
-    for small models), at most ``GATHER_CAP``."""
-    share = (min(hi_index, taken) - max(lo_index, 0)) / max(taken, 1)
-    return min(GATHER_CAP, int(2 * share * total) + 1024)
 
 
 def order_statistics(values: np.ndarray, indices: list[int]) -> np.ndarray:
@@ -185,7 +142,7 @@ class Brackets:
     def count(self, base: Tensor | None, inputs: list[Tensor], tasks: slice = slice(None),
               report_finite: bool = True) -> None:
         """The counting pass over ``inputs``, the tasks ``tasks`` of the brackets (see
-        :func:`magmax.merging._native.count_and_gather`)."""
+        :func:`magmax.merging.backends.cpu.native.count_and_gather`)."""
         if self.gathered is None:
             self.gathered = np.empty((*self.low.shape, self.capacity), dtype=np.float32)
         _native.count_and_gather(base, inputs, self.low[tasks], self.high[tasks], self.below[tasks],
@@ -205,11 +162,11 @@ class Brackets:
 def _bracketed(stream: SlicesStream, count: int, total: int, position: int) -> tuple[list[float | None], np.ndarray]:
     """κ_t by sample → bracket → count and gather (None where the bracket did not decide), and the sample.
 
-    Models in memory: every task in one block. Out of core: blocks of ``_fused.GROUP`` tasks, each with
+    Models in memory: every task in one block. Out of core: blocks of ``GROUP`` tasks, each with
     its own passes over the model, so that the samples and gathered magnitudes (a few MiB to 32 MiB
     per task) do not grow with T; every fine-tuned model is still read twice, θ0 twice per block."""
     resident = next((slices.resident for _, slices in stream()), True)
-    block = count if resident else _fused.GROUP
+    block = count if resident else GROUP
     stride = sample_stride(total, min(count, block))  # the same sampled positions in every block
     found: list[float | None] = []
     kept: list[np.ndarray] = []
@@ -278,7 +235,7 @@ def tensor_magnitude_ranks(base: Tensor | None, inputs: list[Tensor],
     (inputs, ranks).
 
     The steps of the global thresholds, per tensor: a sample brackets each rank, one counting pass per
-    input (:func:`magmax.merging._native.count_and_gather`, every rank in the same read) counts the
+    input (:func:`magmax.merging.backends.cpu.native.count_and_gather`, every rank in the same read) counts the
     magnitudes below each bracket and gathers those inside, ``np.partition`` picks the exact value, and the
     two counts are the count below the bracket plus the gathered values below (at most) v: no second pass.
     A rank its bracket missed is selected, and counted, from every |τ_j|: exact either way, the sample only

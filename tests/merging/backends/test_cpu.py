@@ -1,4 +1,6 @@
-"""The numba CPU kernels (magmax.merging._native) against the torch group kernels, bit for bit."""
+"""The CPU backend (numba kernels, bracketed thresholds, fused passes): its paths, fallbacks and edge cases.
+
+Bit-equality of each accelerated fold with its reference kernel is in tests/merging/test_backend_equivalence.py."""
 
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import magmax
-from magmax.merging import _fused, _native
+from magmax.merging import create_method
+from magmax.merging.backends import brackets, finite, registry
+from magmax.merging.backends import fold as _fused
+from magmax.merging.backends.cpu import native as _native
+from magmax.merging.backends.cpu import threshold as _threshold
 from magmax.taskvector import add_scaled
 
 pytestmark = pytest.mark.skipif(not _native.enabled(), reason="numba is not importable here")
@@ -41,24 +47,18 @@ def torch_kernels(monkeypatch):
 def native_calls(monkeypatch):
     """Count native group calls (to prove the native path ran)."""
     calls: list[str] = []
-    for name in ("magmax_group", "sum_group", "random_group", "dare_group"):
-        original = getattr(_native, name)
+    for method in FOLDS:
+        kernels = registry.fold_kernels("task_arithmetic" if method == "average" else method)
+        original = kernels.cpu
+        if original is None or getattr(original, "spied", False):
+            continue
 
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
+        def spy(*args, _original=original, **kwargs):
+            calls.append(_original.__name__)
             return _original(*args, **kwargs)
 
-        for kernel_module, kernel_name in (
-            ("magmax", "magmax_kernel"),
-            ("task_arithmetic", "sum_kernel"),
-            ("random", "random_kernel"),
-            ("dare", "dare_kernel"),
-        ):
-            import importlib
-
-            kernel = getattr(importlib.import_module(f"magmax.merging.{kernel_module}"), kernel_name)
-            if kernel.native is original:
-                monkeypatch.setattr(kernel, "native", spy)
+        spy.spied = True  # type: ignore[attr-defined]
+        monkeypatch.setattr(kernels, "cpu", spy)
     return calls
 
 
@@ -123,8 +123,6 @@ def test_magmax_native_fold_bits(values, count, with_base):
 
 
 def test_a_failing_native_kernel_falls_back_to_torch(monkeypatch, caplog):
-    from magmax.merging.magmax import magmax_kernel
-
     base = make_state_dict(1, SHAPES)
     fts = make_finetuned(base, 3, seed=2)
     want = magmax.merge("magmax", base, fts)
@@ -132,7 +130,7 @@ def test_a_failing_native_kernel_falls_back_to_torch(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no LLVM here")
 
-    monkeypatch.setattr(magmax_kernel, "native", broken)
+    monkeypatch.setattr(registry.fold_kernels("magmax"), "cpu", broken)
     monkeypatch.setattr(_native, "_disabled_after_error", False)
     with caplog.at_level(logging.WARNING):
         got = magmax.merge("magmax", base, fts)
@@ -158,8 +156,6 @@ def _thresholds_oracle(taus, k):
 def task_threads(request, monkeypatch):
     """Torch's thread count for the native passes; with several, even small tensors are split over
     threads by blocks of tasks (the pool path), which real models take for their large tensors."""
-    from magmax.merging import _native
-
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     monkeypatch.setattr(_native, "SERIAL_NUMEL", 0)
@@ -170,16 +166,13 @@ def task_threads(request, monkeypatch):
 @pytest.mark.parametrize("k", [0.2, 0.5, 0.01])
 @pytest.mark.parametrize("quantum", [None, 0.25])
 def test_bracketed_thresholds_equal_kthvalue(k, quantum, monkeypatch, task_threads):
-    from magmax.merging import _threshold
+    from magmax.merging._sparsify import population_position
     from magmax.merging.base import TaskSlices
 
     base = make_state_dict(7, {"a": (300, 70), "b": (4096,), "c": (3,)}, buffers=False)
     fts = make_finetuned(base, 10, seed=8, quantum=quantum)
     taus = [{key: ft[key] - base[key] for key in base} for ft in fts]
-    monkeypatch.setattr(_threshold, "SAMPLE", 512)  # a real bracket (not the whole model) on a small model
-    calls = []
-    radix = _threshold._radix
-    monkeypatch.setattr(_threshold, "_radix", lambda *a: calls.append(a) or radix(*a))
+    monkeypatch.setattr(brackets, "SAMPLE", 512)  # a real bracket (not the whole model) on a small model
 
     def stream():
         for key in base:
@@ -187,19 +180,22 @@ def test_bracketed_thresholds_equal_kthvalue(k, quantum, monkeypatch, task_threa
                                   finetuned=lambda t, key=key: fts[t][key])
 
     total = sum(v.numel() for v in base.values())
-    got = _threshold.global_topk_thresholds(stream, len(fts), total, k).values
-    assert got == _thresholds_oracle(taus, k)
+    found, _ = _threshold.bracketed_thresholds(stream, len(fts), total, population_position(total, k))
+    want = _thresholds_oracle(taus, k)
+    assert all(got is None or got == value for got, value in zip(found, want))
     if quantum is None:  # continuous values: the bracket decides; heavy ties may overflow it (radix then)
-        assert not calls, "the bracket should have decided every task here"
+        assert None not in found, "the bracket should have decided every task here"
+    # Undecided tasks take the exact radix select in the method: the thresholds TIES uses are exact.
+    method = create_method("ties", k=k)
+    method.observe_tasks(stream, len(fts), total)
+    assert [method._thresholds[t] for t in range(len(fts))] == want
 
 
 def test_bracket_misses_fall_back_to_the_exact_radix_select(monkeypatch):
-    from magmax.merging import _threshold
-
     base = make_state_dict(9, SHAPES)
     fts = make_finetuned(base, 3, seed=10)
     want = magmax.merge("ties", base, fts)
-    monkeypatch.setattr(_threshold, "GATHER_CAP", 1)  # every bracket overflows
+    monkeypatch.setattr(brackets, "GATHER_CAP", 1)  # every bracket overflows
     assert_state_dicts_bitwise_equal(magmax.merge("ties", base, fts), want)
 
 
@@ -217,8 +213,7 @@ def test_native_ties_equals_torch_ties(count, options, torch_kernels, task_threa
 
 
 def test_ties_falls_back_to_torch_when_the_native_kernels_fail(monkeypatch, caplog):
-    from magmax.merging import _native as native
-
+    native = _native
     base = make_state_dict(13, SHAPES)
     fts = make_finetuned(base, 4, seed=14)
     want = magmax.merge("ties", base, fts)
@@ -498,7 +493,7 @@ def test_count_and_gather_reports_whether_every_tau_was_finite(bad, where, bf16)
             target[where] = bad
         low, high = np.zeros((3, 1), np.float32), np.full((3, 1), 0.05, np.float32)
         below, filled = np.zeros((3, 1), np.int64), np.zeros((3, 1), np.int64)
-        with _native.finite_watch() as watch:
+        with finite.finite_watch() as watch:
             _native.count_and_gather(bad_base, bad_inputs, low, high, below, np.empty((3, 1, n), np.float32), filled)
         assert watch.proves_finite(3) == (where is None)
 
@@ -523,7 +518,7 @@ def test_count_and_gather_never_writes_past_the_room_it_is_given():
 @given(values=st.lists(st.integers(-5, 5), min_size=1, max_size=300), data=st.data())
 def test_order_statistics_are_the_sorted_values_at_those_indices(values, data):
     """Any indices (repeated, unsorted) of arrays full of ties: the entries of the sorted array there."""
-    from magmax.merging._threshold import order_statistics
+    from magmax.merging.backends.cpu.threshold import order_statistics
 
     array = np.asarray(values, dtype=np.float32) / 4
     indices = data.draw(st.lists(st.integers(0, array.size - 1), max_size=6))
@@ -536,7 +531,6 @@ def test_order_statistics_are_the_sorted_values_at_those_indices(values, data):
 def test_breadcrumbs_bounds_are_exact_when_a_bracket_fails(failure, monkeypatch):
     """A bracket that misses its rank, or holds more magnitudes than the room for them (both forced here),
     falls back to selecting from every magnitude."""
-    from magmax.merging import _threshold
     from magmax.merging.breadcrumbs import breadcrumbs_mask
 
     gen = torch.Generator().manual_seed(49)
@@ -545,8 +539,9 @@ def test_breadcrumbs_bounds_are_exact_when_a_bracket_fails(failure, monkeypatch)
         monkeypatch.setattr(_threshold, "bracket_ranks", lambda taken, total, position: (0, 1))
     else:
         monkeypatch.setattr(_threshold, "gather_capacity", lambda *args: 40)
-    method = magmax.create_method("breadcrumbs", bottom=0.6, top=0.05)
-    low, high, exact = method.bounds(None, taus)
+    from magmax.merging.backends.cpu.breadcrumbs import bounds
+
+    low, high, exact = bounds(0.6, 0.05, None, taus)
     assert exact.all()  # continuous magnitudes: no tie at a bound
     for t, tau in enumerate(taus):
         n = tau.numel()
@@ -658,7 +653,6 @@ def test_native_breadcrumbs_exact_counts_match_a_stable_sort_oracle(dtype, botto
 def test_tensor_magnitude_ranks_counts_below_and_at_most_each_value(failure, monkeypatch):
     """The counts that decide whether a tie straddles a band edge: from the counting pass's bracket, or
     from every magnitude where the bracket failed; numpy's counts on heavily tied magnitudes either way."""
-    from magmax.merging import _threshold
 
     if failure == "bracket misses":
         monkeypatch.setattr(_threshold, "bracket_ranks", lambda taken, total, position: (0, 1))

@@ -17,7 +17,8 @@ from torch import Tensor
 
 import magmax
 from magmax.errors import ConfigError
-from magmax.merging import TaskSlices, _native, create_method
+from magmax.merging import TaskSlices, create_method
+from magmax.merging.backends.cpu import native as _native
 from magmax.merging._subspace import thin_svd
 from magmax.merging.iso_cts import subspace_split
 from magmax.merging.opcm import split_rank

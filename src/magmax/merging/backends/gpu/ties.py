@@ -1,7 +1,7 @@
 """TIES with the global threshold on a GPU: three passes over every tensor at once (Triton).
 
-The CPU algorithm of :mod:`magmax.merging._threshold` and ``_native.ties_group``, with the kernels of
-:mod:`magmax.merging._gpu_kernels` over all tensors and all T inputs in one launch per chunk of
+The CPU algorithm of :mod:`magmax.merging.backends.cpu.threshold` and ``cpu.native.ties_group``, with the
+kernels of :mod:`magmax.merging.backends.gpu.kernels` over all tensors and all T inputs in one launch per chunk of
 tensors (the models are in GPU memory already):
 
 1. ``ties_sample``: τ_t at every ``stride``-th position of the flattened model (the CPU's positions);
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from magmax.merging import _gpu
-from magmax.merging._threshold import KEPT_SAMPLE, bracket_ranks, gather_capacity, sample_stride
+from magmax.merging.backends.brackets import KEPT_SAMPLE, bracket_ranks, gather_capacity, sample_stride
+from magmax.merging.backends.gpu import triton as _gpu
+from magmax.merging.backends.registry import register_hook
 
 
 @dataclass
@@ -158,3 +159,18 @@ def merge(model: ResidentModel, kappas: Sequence[float | None], zero_positive: b
         ambiguous.append(per_segment.index_add_(0, chunk.segments.block_segment.long(), counts[:, 1]))
     shaped = [r.view(shape) for r, shape in zip(results, model.shapes)]
     return shaped, int(balance), torch.cat(ambiguous).tolist()
+
+
+@register_hook("ties", "merge_many")
+def merge_many(slices: Sequence[Sequence[Tensor]], kappas: Sequence[float | None],
+               zero_positive: bool) -> tuple[list[Tensor], int, list[int]] | None:
+    """:func:`merge` of tensors whose inputs are all in GPU memory; None where the kernels do not apply
+    (or failed: then they are off for the process, and the torch fold gives the same)."""
+    if not slices or not _gpu.possible():
+        return None
+    try:
+        model = resident(slices)
+        return None if model is None else merge(model, kappas, zero_positive)
+    except Exception as exc:  # the Triton kernels are an optimisation: the torch fold gives the same
+        _gpu.disable(exc)
+        return None

@@ -1,5 +1,5 @@
 """The Triton kernels compile for a real GPU target (sm_90, through ptxas) and keep their float32
-operations as written: checked without a GPU, in a child process (see tests/gpu_compile.py)."""
+operations as written: checked without a GPU, in a child process (see tests/merging/backends/gpu_compile.py)."""
 
 from __future__ import annotations
 

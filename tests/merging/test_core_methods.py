@@ -22,7 +22,8 @@ from torch import Tensor
 import magmax
 from magmax.engine import DictReader, MergeRun
 from magmax.errors import ConfigError
-from magmax.merging import TaskSlices, _fused, create_method
+from magmax.merging import TaskSlices, create_method
+from magmax.merging.backends import fold as _fused, select
 from magmax.merging.base import merge_all
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -373,7 +374,7 @@ def test_results_do_not_depend_on_the_eager_chunk_size(monkeypatch, chunk):
 
 def test_compile_mode_is_validated():
     with pytest.raises(ConfigError, match="compile mode 'sometimes'"):
-        _fused.set_compile_mode("sometimes")  # type: ignore[arg-type]
+        select.set_compile_mode("sometimes")  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -389,15 +390,15 @@ def test_compiled_kernels_equal_eager_kernels_bit_for_bit(dtype, monkeypatch):
     taus = task_vectors(base, finetuned)
     results = {}
     for mode in ("never", "always"):
-        _fused.set_compile_mode(mode)
+        select.set_compile_mode(mode)
         for name in CORE:
             results[mode, name, "merge"] = magmax.merge(name, base, finetuned)
             results[mode, name, "taus"] = streaming_task_vector(name, taus)
             results[mode, name, "list"] = {
                 "big": create_method(name).merge_tensor("big", TaskSlices.from_list("big", [t["big"] for t in taus]))
             }
-    assert not _fused._compile_failed
-    assert _fused._compiled_cache, "nothing was compiled"
+    assert not select._compile_failed
+    assert select._compiled_cache, "nothing was compiled"
     for name in CORE:
         for kind in ("merge", "taus", "list"):
             assert_state_dicts_bitwise_equal(results["always", name, kind], results["never", name, kind])

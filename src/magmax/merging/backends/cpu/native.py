@@ -1,8 +1,8 @@
 """CPU group kernels compiled by numba: one pass over memory, every thread, no compile at merge time.
 
-The torch group kernels of :mod:`magmax.merging._fused` run eagerly as a handful of ATen ops per input
+The torch group kernels of :mod:`magmax.merging.backends.fold` run eagerly as a handful of ATen ops per input
 on cache-sized chunks (4–20× the bandwidth floor on CPU), or under ``torch.compile`` (at the floor, but
-1–30 s of compiling per group shape). The kernels here (:mod:`magmax.merging._native_kernels`) are the
+1–30 s of compiling per group shape). The kernels here (:mod:`magmax.merging.backends.cpu.kernels`) are the
 same folds written as plain loops for numba: element by element, the running state stays in registers,
 every input of the group is read once and the state written once. numba compiles each kernel once per
 machine and group size (about 1–2 s; ``cache=True`` keeps the machine code on disk). They run on CPU
@@ -15,7 +15,7 @@ the random hash is the same int64 arithmetic; θ0 + λ·τ*, where a fold writes
 
 float32 and bfloat16 inputs take this path (a bfloat16 entry is read as its exact float32: its bits
 followed by 16 zeros, as ``Tensor.float()`` does); float16 and float64 checkpoints fall back to the torch
-kernels. The folds take a group of at most ``_fused.GROUP`` inputs as a tuple (one compiled version
+kernels. The folds take a group of at most ``fold.GROUP`` inputs as a tuple (one compiled version
 per group size); TIES's, Consensus's and Breadcrumbs' counting kernels take any number of inputs as
 an array of their addresses (one compiled version), so that inputs already in memory go in one call.
 
@@ -34,7 +34,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from magmax.thread_slot import ThreadSlot
+from magmax.merging.backends.finite import report as _report
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +93,9 @@ def disable(exc: Exception) -> None:
 def _kernels() -> ModuleType:
     global _module
     if _module is None:
-        from magmax.merging import _native_kernels
+        from magmax.merging.backends.cpu import kernels
 
-        _module = _native_kernels
+        _module = kernels
     return _module
 
 
@@ -154,38 +153,7 @@ def _tau_only(state: Tensor, base: Tensor | None, x: Tensor) -> None:
         torch.sub(x, base.to(_F32), out=state)
 
 
-# -- group kernels (the calling convention of magmax.merging._fused.run_group) ----------------------
-
-
-class FiniteWatch:
-    """What the folds of one thread saw inside :func:`finite_watch`: how many inputs they formed τ from,
-    whether θ0 was among them, and whether every τ entry was finite."""
-
-    def __init__(self) -> None:
-        self.inputs = 0
-        self.base = False
-        self.finite = True
-
-    def proves_finite(self, count: int) -> bool:
-        """θ0 and ``count`` inputs went through the folds (each once), every entry finite."""
-        return self.finite and self.base and self.inputs == count
-
-
-_watch: ThreadSlot[FiniteWatch] = ThreadSlot()
-
-
-def finite_watch() -> AbstractContextManager[FiniteWatch]:
-    """Collect, in this thread, the NaN/Inf verdicts of the native folds (they compute one in passing)."""
-    return _watch.holding(FiniteWatch())
-
-
-def _report(finite: int, numel: int, inputs: int, has_base: bool) -> None:
-    """A fold formed ``inputs`` τ's and found ``finite`` of its ``numel`` entries all finite."""
-    watch = _watch.get()
-    if watch is not None:
-        watch.inputs += inputs
-        watch.base = watch.base or has_base
-        watch.finite = watch.finite and finite == numel
+# -- group kernels (the calling convention of magmax.merging.backends.fold.run_group) ----------------------
 
 
 _ADD_ROUNDING: int | None = None
@@ -235,7 +203,7 @@ def _finish_mode(has_base: bool, scale: float | None, possible: bool = True) -> 
 
 
 def _fold_group(fold: str, divides: bool = False) -> NativeGroup:
-    """The group kernel that runs ``_native_kernels.<fold>(state, θ0, has θ0, first, x0, rest, [divisor,]
+    """The group kernel that runs ``kernels.<fold>(state, θ0, has θ0, first, x0, rest, [divisor,]
     finish, λ)``; a fold that ``divides`` can end a mean."""
 
     def group(state, base, inputs, first, last, params, group, divisor=None, scale=None) -> bool:

@@ -1,5 +1,5 @@
 """Compile every Triton kernel variant for an H100 (sm_90) without a GPU and print a JSON summary of
-the PTX: run by tests/test_gpu_compile.py in a child process (Triton's interpreter must be off here).
+the PTX: run by tests/merging/backends/test_gpu_compile.py in a child process (Triton's interpreter must be off here).
 
 The interpreter runs the kernels' semantics on CPU; this checks what it cannot: that they type-check,
 lower and pass ptxas for the real target, and that the float32 operations stay as written (no FMA
@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from magmax.merging import _gpu, _gpu_kernels as k  # noqa: E402
+from magmax.merging.backends.gpu import kernels as k, triton as _gpu  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TABLES = {"block_segment": "*i32", "block_start": "*i64", "segment_numel": "*i64", "segment_offset": "*i64",

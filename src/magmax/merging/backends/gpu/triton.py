@@ -3,7 +3,7 @@
 On a GPU the torch group kernels run a handful of ops per input and tensor, and a ViT-B/16 has 152
 tensors: at T = 10 that is thousands of launches, each far shorter than its launch cost (92 ms where the
 bandwidth floor is 1.3 ms on an H100). :func:`fold` runs one launch per group of inputs for *all* the
-tensors it is given (:mod:`magmax.merging._gpu_kernels`), reading each input once and writing each
+tensors it is given (:mod:`magmax.merging.backends.gpu.kernels`), reading each input once and writing each
 state once, with the same float32 operations as the CPU kernels (the tests compare bits).
 
 Used when triton imports, the tensors are on a CUDA device, their dtype is float32, bfloat16 or float16,
@@ -107,9 +107,9 @@ def _kernels() -> ModuleType:
     if _module is None:
         if interpreting():
             os.environ["TRITON_INTERPRET"] = "1"
-        from magmax.merging import _gpu_kernels
+        from magmax.merging.backends.gpu import kernels
 
-        _module = _gpu_kernels
+        _module = kernels
     return _module
 
 
