@@ -1,4 +1,9 @@
-"""The `magmax` command. Subcommands live in their own modules and register themselves on ``app``."""
+"""The `magmax` command: the root ``app`` and its subcommands.
+
+Each subcommand is a plain function in its own module (cli_merge, cli_report, cli_run, cli_sweep); this
+module imports them and registers them on ``app``. The dependency runs one way: no command module imports
+this one (what commands share lives a floor below, in cli_common).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from magmax import cli_merge, cli_report, cli_run, cli_sweep
 from magmax.console import make_console, print_error, print_line
 from magmax.errors import MagmaxError
 
@@ -49,17 +55,15 @@ def list_methods() -> None:
     console.print(table)
 
 
-def _register_subcommands() -> None:
-    # Imported for their side effect: each module adds its command(s) to ``app``.
-    import magmax.cli_merge  # noqa: F401
-    import magmax.cli_report  # noqa: F401
-    import magmax.cli_run  # noqa: F401
-    import magmax.cli_sweep  # noqa: F401
+app.command("merge")(cli_merge.merge_command)
+app.command("report")(cli_report.report_command)
+app.command("run")(cli_run.run_command)
+app.command("demo")(cli_run.demo_command)
+app.command("sweep")(cli_sweep.sweep_command)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2 (usage errors too, via click)."""
-    _register_subcommands()
     try:
         app(args=argv, prog_name="magmax")
     except MagmaxError as exc:

@@ -38,7 +38,6 @@ from magmax.checkpoints import (
     tensor_nbytes,
 )
 from magmax import hub, lora, lora_export
-from magmax.cli import app
 from magmax.engine import MergeRun, MergeStats, TensorMeta, TensorWriter
 from magmax.hf_quirks import Alignment, align_inputs
 from magmax.errors import ConfigError, MergeInputError
@@ -301,7 +300,6 @@ def _count(n: int) -> str:
     return str(n)
 
 
-@app.command("merge")
 def merge_command(
     inputs: Annotated[
         list[str] | None,

@@ -7,12 +7,10 @@ from typing import Optional
 
 import typer
 
-from magmax.cli import app
 from magmax.console import make_console, print_line
 from magmax.errors import ConfigError
 
 
-@app.command("report")
 def report_command(
     run_dirs: list[Path] = typer.Argument(..., help="run directories of `magmax run` (single or multi-seed)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for report.html and the PNGs (default: RUN_DIR/report with one RUN_DIR)"),

@@ -7,48 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from magmax.cli import app
+from magmax.cli_common import LineHooks
 from magmax.config import RunConfig, load_config
 from magmax.console import make_console, print_error, print_line
 from magmax.errors import ConfigError
 from magmax.rundir import read_json
 from magmax.presets import demo_config_path
-
-
-class LineHooks:
-    """Progress as lines (task headings, evaluations, periodic training lines, each with an ETA for the
-    run), in terminals and logs alike; on a terminal also a live bar for the task being trained."""
-
-    def __init__(self, console: Console, progress: Progress | None):
-        self.console = console
-        self.progress = progress
-        self.bar: int | None = None
-
-    def on_phase(self, text: str) -> None:
-        print_line(self.console, text, style="bold")
-
-    def on_line(self, text: str) -> None:
-        print_line(self.console, text)
-
-    def on_task_start(self, stream: str, task, index: int) -> None:
-        if self.progress is None:
-            return
-        if self.bar is not None:
-            self.progress.remove_task(self.bar)
-        self.bar = self.progress.add_task(escape(f"{stream} task {index + 1}"), total=None, loss=float("nan"), lr=0.0)
-
-    def on_step(self, info) -> None:
-        if self.progress is not None and self.bar is not None:
-            self.progress.update(self.bar, total=info.total, completed=info.step + 1, loss=info.loss, lr=info.lr)
-
-    def hooks(self):
-        from magmax.continual import ProgressHooks
-
-        return ProgressHooks(on_phase=self.on_phase, on_task_start=self.on_task_start, on_step=self.on_step, on_line=self.on_line)
 
 
 def with_keep_state(cfg: RunConfig, keep_state: bool) -> RunConfig:
@@ -148,7 +114,6 @@ def again_with(command: str, seeds: Optional[str]) -> str:
     return command + (f" --seeds {seeds}" if seeds else "")
 
 
-@app.command("run")
 def run_command(
     config: Path = typer.Argument(..., help="YAML run config (see configs/paper/, or `magmax demo`)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: --set train.steps=100 (repeatable)"),
@@ -220,7 +185,6 @@ def launch(config: Path, sets: list[str], out: Path, resume: bool, keep_state: b
         raise typer.Exit(min(codes) if codes else 1) from None
 
 
-@app.command("demo")
 def demo_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/demo-...)"),
     image: bool = typer.Option(False, "--image", help="the image stream (EfficientNet-Lite0 on Fashion-MNIST) instead of text"),

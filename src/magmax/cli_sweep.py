@@ -7,13 +7,11 @@ from pathlib import Path
 
 import typer
 
-from magmax.cli import app
 from magmax.console import make_console, print_error, print_line
 
 STATES = ("done", "running", "pending", "interrupted", "failed", "not submitted")
 
 
-@app.command("sweep")
 def sweep_command(
     sweep_file: Path = typer.Argument(..., help="YAML sweep file: presets × seeds × overrides, executor and job resources"),
     status: bool = typer.Option(False, "--status", help="show which runs are pending, running, done or failed; submit nothing"),

@@ -42,17 +42,20 @@ from magmax import distributed
 from magmax.api import Merger
 from magmax.merging import create_method
 from magmax.config import MergeConfig, RunConfig, StreamConfig
-from magmax.data import load_dataset
 from magmax.errors import ConfigError, MagmaxError
 from magmax.evaluation import EvalResult, EvalSet, evaluate
+from magmax.labels import model_label, protocol_names
 from magmax.metrics import summarize
-from magmax.models.base import Backbone, build_backbone
+from magmax.models.base import Backbone
+from magmax.models.registry import build_backbone
 from magmax.progress import RunClock
-from magmax.report import model_label, protocol_names
+from magmax.report import write_results
 from magmax.rundir import RunDir, provenance, read_json, write_json
-from magmax.scenarios import Task, class_incremental, class_order, domain_incremental
+from magmax.scenarios import Task
 from magmax.state_io import load_state, save_state
+from magmax.task_stream import load_stream
 from magmax.training.batches import steps_per_task
+from magmax.training.joint import train_joint
 from magmax.training.loop import StepInfo, finetune
 from magmax.training.regularizers import Regularizer
 
@@ -74,45 +77,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' requested but CUDA is not available; set device: cpu or auto")
     return torch.device(name)
-
-
-@dataclass
-class HeadGroup:
-    """Classes whose head rows come from one dataset's class names and templates."""
-
-    class_ids: list[int]
-    names: list[str]
-    templates: list[str]
-
-
-def build_tasks(cfg: RunConfig, dataset) -> list[Task]:
-    sc = cfg.scenario
-    if sc.kind == "class_incremental":
-        order = class_order(sc.class_order, len(dataset.class_names), seed=cfg.seed)
-        return class_incremental(dataset, sc.n_tasks, order)
-    return domain_incremental(dataset, sc.domain_order)
-
-
-def load_stream(cfg: RunConfig) -> tuple[list[Task], list[HeadGroup], dict[str, Any]]:
-    """The task stream, the head groups (class names + templates) and the data provenance."""
-    if cfg.scenario.kind != "multi_dataset":
-        dataset = load_dataset(cfg.data.name, cfg.resolved_data_root(), **cfg.data.options)
-        tasks = build_tasks(cfg, dataset)
-        ids = sorted({c for t in tasks for c in t.classes})
-        group = HeadGroup(ids, [dataset.class_names[c] for c in ids], list(dataset.templates))
-        return tasks, [group], dict(getattr(dataset, "info", {}))
-    # One task per dataset; class ids offset so that datasets never share a head row.
-    tasks, groups, info, offset = [], [], {}, 0
-    for i, dcfg in enumerate(cfg.scenario.datasets or []):
-        ds = load_dataset(dcfg.name, cfg.resolved_data_root(dcfg), **dcfg.options)
-        n = len(ds.class_names)
-        ids = list(range(offset, offset + n))
-        shift = lambda s: type(s)(items=s.items, labels=s.labels + offset, domains=s.domains)  # noqa: E731
-        tasks.append(Task(index=i, name=ds.name, classes=tuple(ids), train=shift(ds.train), test=shift(ds.test)))
-        groups.append(HeadGroup(ids, list(ds.class_names), list(ds.templates)))
-        info[ds.name] = dict(getattr(ds, "info", {}))
-        offset += n
-    return tasks, groups, info
 
 
 def merge_options(merge: MergeConfig, backbone: Backbone) -> dict[str, Any]:
@@ -379,18 +343,17 @@ class ContinualRun:
         for s_idx, stream in enumerate(cfg.streams):
             self._run_stream(s_idx, stream)
         if cfg.joint and self.progress["joint"] is None:
-            from magmax.training.joint import train_joint
-
             self._phase(f"joint training on all tasks (upper bound); {self._timing()}")
             self.load_encoder(self.theta0)
             self._training("[joint]")
-            train_joint(self, seed=task_seed(cfg.seed, len(cfg.streams), 0))
+            train_joint(
+                self.backbone, self.tasks, self.head_all, self.class_ids, cfg.train,
+                seed=task_seed(cfg.seed, len(cfg.streams), 0), device=self.device, on_step=self.step_hook,
+            )
             self.clock.end_training()
             self.progress["joint"] = self.eval_current(JOINT).to_json()
             self._save_progress()
         results = self.results(time.time() - t0)
-        from magmax.report import write_results
-
         if self.dir.writer:
             write_results(self.dir.path, results)
         return results

@@ -79,8 +79,8 @@ def _multi_dataset_tasks(cfg: RunConfig) -> tuple[list[PlannedTask], str]:
 
 
 def _planned_tasks(cfg: RunConfig) -> tuple[list[PlannedTask], str]:
-    from magmax.continual import build_tasks
     from magmax.data import load_dataset
+    from magmax.task_stream import build_tasks
 
     if cfg.scenario.kind == "multi_dataset":
         return _multi_dataset_tasks(cfg)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from magmax.labels import label_of
+
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 LINESTYLES = ["-", "--", "-.", ":"]
@@ -133,8 +135,6 @@ def draw_accuracy(curves: Sequence[Curve], n_tasks: int, title: str, path: str |
 
 
 def accuracy_curves(results: dict[str, Any]) -> list[Curve]:
-    from magmax.report import label_of
-
     return [Curve(name, label_of(name, m, results), seen_curve(m, results)) for name, m in results["models"].items()]
 
 

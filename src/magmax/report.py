@@ -1,7 +1,7 @@
 """Results of a run as files and tables: results.json, results.csv, results.md, a terminal table, a plot.
 
 Every place that names a model (the table printed at the end, results.csv/.md/.json, the plot, the
-evaluation lines while running) uses :func:`model_label`, so they all say the same thing.
+evaluation lines while running) uses :func:`magmax.labels.model_label`, so they all say the same thing.
 results.json keeps full precision; results.csv and results.md round accuracies to 2 decimals.
 """
 
@@ -9,76 +9,18 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
+# The names are magmax.labels' (a floor below this module and plots.py); imported here for the callers of report.
+from magmax.labels import METHOD_NAMES, REGULARIZER_NAMES, label_of, model_label, protocol_name, protocol_names  # noqa: F401
 from magmax.rundir import write_json
 
-if TYPE_CHECKING:
-    from magmax.config import StreamConfig
-
-METHOD_NAMES = {
-    "average": "Average",
-    "breadcrumbs": "Breadcrumbs",
-    "consensus": "Consensus",
-    "dare": "DARE",
-    "iso_c": "Iso-C",
-    "iso_cts": "Iso-CTS",
-    "magmax": "MagMax",
-    "opcm": "OPCM",
-    "random": "Random",
-    "task_arithmetic": "Task Arithmetic",
-    "ties": "TIES",
-    "tsv": "TSV",
-}
-REGULARIZER_NAMES = {"lwf": "LwF", "ewc": "EWC"}
 DECIMALS = 2
 SINGLE_SEED_NOTE = "One seed: no interval (`seeds: [5, 6, 7]` or `--seeds 5,6,7` gives the mean and a 95% interval over seeds)."
-
-
-def protocol_name(stream: StreamConfig) -> str:
-    """The fine-tuning protocol as the paper names it: Seq-FT, Ind-FT, LwF, EWC."""
-    base = "Seq-FT" if stream.start == "previous" else "Ind-FT"
-    if stream.regularizer == "none":
-        return base
-    reg = REGULARIZER_NAMES[stream.regularizer]
-    return reg if stream.start == "previous" else f"{base} + {reg}"
-
-
-def protocol_names(streams: Sequence[StreamConfig]) -> dict[str, str]:
-    """Stream name → protocol name; streams that share a protocol are told apart by their names."""
-    names = {s.name: protocol_name(s) for s in streams}
-    counts = {p: list(names.values()).count(p) for p in names.values()}
-    return {s: (p if counts[p] == 1 else f"{p} ({s})") for s, p in names.items()}
-
-
-def model_label(name: str, model: dict[str, Any], n_tasks: int, after_task: int | None = None) -> str:
-    """``zero-shot (θ0)``, ``Seq-FT final (θ_5)``, ``MagMax on Seq-FT τ``, ``joint (upper bound)``.
-
-    ``model`` is a results.json model entry (kind, protocol or stream, method); ``after_task`` names θ_t
-    while the run is under way instead of the final θ_T.
-    """
-    kind = model.get("kind")
-    if kind == "zero-shot":
-        return "zero-shot (θ0)"
-    if kind == "joint":
-        return "joint (upper bound)"
-    stream, _, what = name.partition(":")
-    protocol = model.get("protocol") or stream
-    if kind == "finetune":
-        return f"{protocol} (θ_{after_task})" if after_task is not None else f"{protocol} final (θ_{n_tasks})"
-    method = model.get("method")
-    # A merge's own label (set in the config) wins over the method's name: it is what tells two apart.
-    shown = METHOD_NAMES.get(method, method) if what == method else what
-    return f"{shown} on {protocol} τ"
-
-
-def label_of(name: str, model: dict[str, Any], results: dict[str, Any]) -> str:
-    return model.get("label") or model_label(name, model, len(results.get("tasks", [])))
 
 
 def _fmt(value: float | None) -> str:

@@ -16,6 +16,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from magmax.labels import label_of
+
 METRICS = ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
 NO_INTERVAL = "one seed: no interval"
 
@@ -62,8 +64,6 @@ def aggregate_results(
     """The aggregate over seeds of complete runs' results.json dicts (``results[seed]``), the shape of
     ``DIR/aggregate.json``: seeds, reference, confidence and per model its label, metrics and paired
     differences against ``reference``."""
-    from magmax.report import label_of
-
     first = results[seeds[0]]
     names = [n for n in first["models"] if all(n in results[s]["models"] for s in seeds)]
     if reference not in names:

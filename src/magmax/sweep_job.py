@@ -27,7 +27,7 @@ class SweepJob:
     requeues: int = 0
 
     def __call__(self) -> dict[str, Any]:
-        from magmax.cli_run import LineHooks
+        from magmax.cli_common import LineHooks
         from magmax.config import load_config
         from magmax.console import make_console, print_line
         from magmax.continual import ContinualRun

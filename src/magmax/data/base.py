@@ -165,8 +165,9 @@ def register_reader(name: str):
 
 
 def readers() -> dict[str, type[DatasetReader]]:
-    import magmax.data  # noqa: F401  (imports every reader module, which registers it)
-
+    """Every registered reader by name. The package's ``__init__`` imports each reader module (which
+    registers it), and Python runs a package's ``__init__`` before any of its modules, so by the time this
+    module is importable the registry is full; this module never imports the readers itself."""
     return dict(sorted(_READERS.items()))
 
 

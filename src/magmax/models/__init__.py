@@ -4,9 +4,10 @@
 (clip_hf, open_clip_backbone, minilm, efficientnet) and is imported only when built.
 """
 
-from magmax.models.base import Backbone, BackboneConfig, Modality, build_backbone
+from magmax.models.base import Backbone, BackboneConfig, Modality
 from magmax.models.heads import template_head
 from magmax.models.preprocess import ImageTransform, preprocess_images
+from magmax.models.registry import build_backbone
 
 __all__ = [
     "Backbone",

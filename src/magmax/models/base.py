@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from magmax.errors import ConfigError
 from magmax.models.heads import template_head
 from magmax.models.preprocess import ImageTransform, skip_crops
 from magmax.training.batches import take
@@ -158,24 +157,3 @@ class ImageBackbone(Backbone):
 
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.encoder(batch)
-
-
-def build_backbone(cfg: BackboneConfig) -> Backbone:
-    """Build the backbone ``cfg.kind`` names (each kind's module is imported only when used)."""
-    if cfg.kind == "clip":
-        from magmax.models.clip_hf import CLIPBackbone
-
-        return CLIPBackbone(cfg)
-    if cfg.kind == "open_clip":
-        from magmax.models.open_clip_backbone import OpenCLIPBackbone
-
-        return OpenCLIPBackbone(cfg)
-    if cfg.kind == "minilm":
-        from magmax.models.minilm import MiniLMBackbone
-
-        return MiniLMBackbone(cfg)
-    if cfg.kind == "efficientnet_lite0":
-        from magmax.models.efficientnet import EfficientNetLiteBackbone
-
-        return EfficientNetLiteBackbone(cfg)
-    raise ConfigError(f"backbone kind {cfg.kind!r} is unknown; use clip, open_clip, minilm or efficientnet_lite0")

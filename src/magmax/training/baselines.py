@@ -46,8 +46,8 @@ from torch import Tensor
 from magmax import distributed
 from magmax.config import EwcConfig, LwfConfig, StreamConfig
 from magmax.training.batches import batch_indices, take
-from magmax.training.loop import StepContext, logits_of, to_device
-from magmax.training.regularizers import Regularizer
+from magmax.training.loop import logits_of, to_device
+from magmax.training.regularizers import Regularizer, StepContext
 
 KD_EPS = 1e-5
 

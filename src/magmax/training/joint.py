@@ -7,16 +7,17 @@ remapped to rows of the all-class head.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
 
+from magmax.config import TrainConfig
+from magmax.models.base import Backbone
 from magmax.scenarios import Task
 from magmax.training.batches import concat_items
-from magmax.training.loop import finetune
-
-if TYPE_CHECKING:
-    from magmax.continual import ContinualRun
+from magmax.training.loop import StepInfo, finetune
 
 
 def concat_sets(sets):
@@ -28,12 +29,24 @@ def concat_sets(sets):
     return type(first)(items=items, labels=labels, domains=domains)
 
 
-def train_joint(run: "ContinualRun", seed: int) -> None:
-    tasks = run.tasks
+def train_joint(
+    backbone: Backbone,
+    tasks: Sequence[Task],
+    head_all: Tensor,
+    class_ids: Sequence[int],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> None:
+    """Fine-tune ``backbone`` on the union of ``tasks`` against ``head_all``, whose row i is class
+    ``class_ids[i]``."""
     train = concat_sets([t.train for t in tasks])
-    task = Task(index=0, name="joint (all tasks)", classes=tuple(run.class_ids), train=train, test=concat_sets([t.test for t in tasks]))
-    labels = np.asarray([run.row_of[int(c)] for c in train.labels], dtype=np.int64)
+    task = Task(index=0, name="joint (all tasks)", classes=tuple(class_ids), train=train, test=concat_sets([t.test for t in tasks]))
+    row_of: Mapping[int, int] = {int(c): i for i, c in enumerate(class_ids)}
+    labels = np.asarray([row_of[int(c)] for c in train.labels], dtype=np.int64)
     finetune(
-        run.backbone, task, run.head_all, run.cfg.train,
-        seed=seed, device=run.device, on_step=run.step_hook, train_set=train, labels=labels,
+        backbone, task, head_all, cfg,
+        seed=seed, device=device, on_step=on_step, train_set=train, labels=labels,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,22 +32,8 @@ from magmax.errors import TrainingError
 from magmax.models.base import Backbone
 from magmax.scenarios import Task
 from magmax.training.batches import batch_indices, prefetch, steps_per_task, take
-from magmax.training.regularizers import Regularizer
+from magmax.training.regularizers import Regularizer, StepContext
 from magmax.training.schedule import warmup_cosine_lr
-
-
-@dataclass
-class StepContext:
-    """What a regulariser may look at: the model, the task, its head and the heads of earlier tasks."""
-
-    backbone: Backbone
-    task: Task
-    head: Tensor                      # [k, D] frozen head of the current task's classes
-    previous_heads: list[Tensor]      # heads of tasks 0..t-1 (class-incremental), for LwF
-    device: torch.device
-    cfg: TrainConfig
-    autocast: Callable[[], Any]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

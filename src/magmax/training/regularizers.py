@@ -7,25 +7,43 @@ plain Seq-FT / Ind-FT.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from magmax.training.loop import StepContext
+from magmax.config import TrainConfig
+from magmax.models.base import Backbone
+from magmax.scenarios import Task
+
+
+@dataclass
+class StepContext:
+    """What a regulariser may look at: the model, the task, its head and the heads of earlier tasks."""
+
+    backbone: Backbone
+    task: Task
+    head: Tensor                      # [k, D] frozen head of the current task's classes
+    previous_heads: list[Tensor]      # heads of tasks 0..t-1 (class-incremental), for LwF
+    device: torch.device
+    cfg: TrainConfig
+    autocast: Callable[[], Any]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Regularizer:
     name = "none"
 
-    def before_task(self, ctx: "StepContext") -> None:
+    def before_task(self, ctx: StepContext) -> None:
         """Called once before the first step of a task."""
 
-    def penalty(self, ctx: "StepContext", features: Tensor, batch: Any) -> Tensor | None:
+    def penalty(self, ctx: StepContext, features: Tensor, batch: Any) -> Tensor | None:
         """An extra loss term for this (micro-)batch, or None."""
         return None
 
-    def after_task(self, ctx: "StepContext") -> None:
+    def after_task(self, ctx: StepContext) -> None:
         """Called once after the last step of a task."""
 
     def state_dict(self) -> dict[str, Any]:

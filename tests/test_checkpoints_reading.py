@@ -1,102 +1,28 @@
-"""Checkpoint readers and the sharded writer, against the safetensors / torch libraries as oracles."""
+"""Checkpoint readers (safetensors files, model folders and shard indexes, torch files), against the
+safetensors / torch libraries as oracles."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import stat
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch as st
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as hs
+
+from checkpoint_helpers import DTYPES, assert_same, make_tensor, state_dicts, write_checkpoint
 
 from magmax.checkpoints import (
-    AtomicOutput,
     SafetensorsReader,
-    ShardedSafetensorsWriter,
     TorchReader,
-    copy_model_files,
     find_weights,
     open_checkpoint,
-    plan_shards,
-    tensor_nbytes,
+    recycled_read_buffers,
 )
 from magmax.engine import TensorMeta
 from magmax.errors import MergeInputError
-from magmax.memory import format_bytes, peak_rss_bytes, release_pages, run_measured
-
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int64,
-    torch.int32,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-]
-
-
-def make_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) > 0.5
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=g).to(dtype)
-    return torch.randint(0, 100, shape, generator=g).to(dtype)
-
-
-shapes = hs.lists(hs.integers(0, 5), min_size=0, max_size=3).map(tuple)
-state_dicts = hs.dictionaries(
-    hs.text("abcdefgh._", min_size=1, max_size=8),
-    hs.tuples(shapes, hs.sampled_from(DTYPES)),
-    min_size=0,
-    max_size=8,
-).map(lambda spec: {k: make_tensor(shape, dtype, i) for i, (k, (shape, dtype)) in enumerate(spec.items())})
-
-
-def load_output(out: Path) -> dict[str, torch.Tensor]:
-    """The written checkpoint through the safetensors library alone (the index read by hand)."""
-    if out.is_file():
-        return st.load_file(out)
-    index = out / "model.safetensors.index.json"
-    if not index.exists():
-        return st.load_file(out / "model.safetensors")
-    weight_map = json.loads(index.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for name in sorted(set(weight_map.values())):
-        shard = st.load_file(out / name)
-        assert {k for k, v in weight_map.items() if v == name} == set(shard)
-        state.update(shard)
-    return state
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert a[key].shape == b[key].shape, key
-        assert torch.equal(a[key], b[key]), key
-
-
-def write_checkpoint(
-    folder: Path, state: dict[str, torch.Tensor], max_shard_bytes: int | None, order=None
-) -> list[Path]:
-    entries = [(k, TensorMeta(tuple(v.shape), v.dtype)) for k, v in state.items()]
-    writer = ShardedSafetensorsWriter(folder, entries, max_shard_bytes)
-    for key in order or state:
-        writer.write(key, state[key])
-    return writer.close()
-
-
-# -- reading safetensors ----------------------------------------------------------------------------
+from magmax.memory import format_bytes, run_measured
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -180,72 +106,6 @@ def test_inconsistent_headers_are_refused(tmp_path, header, data, why):
     path.write_bytes(_raw_safetensors(header, data))
     with pytest.raises(MergeInputError, match=why):
         SafetensorsReader(path)
-
-
-# -- writing -------------------------------------------------------------------------------------------
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(state=state_dicts, max_bytes=hs.one_of(hs.none(), hs.integers(1, 200)), seed=hs.integers(0, 100))
-def test_writer_round_trips_through_the_library_in_any_order(tmp_path_factory, state, max_bytes, seed):
-    folder = tmp_path_factory.mktemp("out")
-    order = list(state)
-    random.Random(seed).shuffle(order)
-    files = write_checkpoint(folder, state, max_bytes, order)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in files)
-    assert_same(load_output(folder), state)
-    shards = [p for p in files if p.suffix == ".safetensors"]
-    if len(shards) == 1:
-        assert shards[0].name == "model.safetensors"
-    else:
-        n = len(shards)
-        assert [p.name for p in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
-    for shard in shards:
-        with SafetensorsReader(shard) as reader:
-            assert reader.metadata["format"] == "pt"  # transformers checks it
-
-
-@given(
-    sizes=hs.lists(hs.integers(0, 50), max_size=20),
-    max_bytes=hs.integers(1, 120),
-)
-def test_plan_shards_is_greedy_and_bounded(sizes, max_bytes):
-    entries = [(f"t{i}", TensorMeta((n,), torch.uint8)) for i, n in enumerate(sizes)]
-    shards = plan_shards(entries, max_bytes)
-    assert [e for shard in shards for e in shard] == entries
-    totals = [sum(tensor_nbytes(m) for _, m in shard) for shard in shards]
-    for shard, total in zip(shards, totals):
-        assert total <= max_bytes or len(shard) == 1
-    # a new shard only starts because the next tensor did not fit in the previous one
-    for prev_total, nxt in zip(totals, shards[1:]):
-        assert prev_total + tensor_nbytes(nxt[0][1]) > max_bytes
-    assert len(plan_shards(entries, None)) == 1
-
-
-def test_writer_refuses_unplanned_or_mismatched_tensors(tmp_path):
-    writer = ShardedSafetensorsWriter(tmp_path, [("a", TensorMeta((2,), torch.float32))])
-    with pytest.raises(ValueError, match="planned"):
-        writer.write("a", torch.zeros(3))
-    with pytest.raises(ValueError, match="not planned"):
-        writer.write("b", torch.zeros(2))
-    with pytest.raises(ValueError, match="never written"):
-        writer.close()
-    writer.abort()
-
-
-def test_writer_streams_without_buffering(tmp_path):
-    # Each tensor is on disk as soon as write() returns: the file grows tensor by tensor.
-    state = {f"t{i}": torch.full((1000,), float(i)) for i in range(3)}
-    writer = ShardedSafetensorsWriter(tmp_path, [(k, TensorMeta((1000,), torch.float32)) for k in state])
-    sizes = []
-    for key, value in state.items():
-        writer.write(key, value)
-        sizes.append((tmp_path / "model.safetensors").stat().st_size)
-    writer.close()
-    assert sizes[0] < sizes[1] < sizes[2]
-    assert_same(st.load_file(tmp_path / "model.safetensors"), state)
 
 
 # -- folders and shards ----------------------------------------------------------------------------------
@@ -419,175 +279,11 @@ def test_mapped_torch_reads_release_their_pages(tmp_path):
     assert growth < 40e6, f"resident memory grew by {format_bytes(growth)} reading a 160 MB file"
 
 
-# -- output folder ------------------------------------------------------------------------------------
-
-
-def test_atomic_output_appears_only_on_commit(tmp_path):
-    out = tmp_path / "merged"
-    with AtomicOutput(out) as output:
-        (output.folder / "model.safetensors").write_bytes(b"x")
-        assert not out.exists()
-        output.commit()
-    assert (out / "model.safetensors").read_bytes() == b"x"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
-
-
-def test_atomic_output_leaves_nothing_on_error(tmp_path):
-    out = tmp_path / "merged"
-    with pytest.raises(RuntimeError):
-        with AtomicOutput(out) as output:
-            (output.folder / "model.safetensors").write_bytes(b"x")
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_output_removes_the_folders_it_made_on_error(tmp_path):
-    (tmp_path / "a").mkdir()
-    with pytest.raises(RuntimeError):
-        with AtomicOutput(tmp_path / "a" / "b" / "c" / "merged"):
-            assert (tmp_path / "a" / "b" / "c").is_dir()
-            raise RuntimeError("boom")
-    assert [p.name for p in tmp_path.rglob("*")] == ["a"]
-
-
-def test_atomic_output_existing_needs_force(tmp_path):
-    out = tmp_path / "merged"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(MergeInputError, match="already exists; pass --force"):
-        AtomicOutput(out)
-    with AtomicOutput(out, force=True) as output:
-        (output.folder / "new.txt").write_text("new")
-        assert (out / "old.txt").exists()  # replaced only at commit
-        output.commit()
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
-
-
-def test_atomic_single_file(tmp_path):
-    out = tmp_path / "merged.safetensors"
-    with AtomicOutput(out) as output:
-        assert output.single_file
-        (output.folder / "model.safetensors").write_bytes(b"abc")
-        output.commit()
-    assert out.read_bytes() == b"abc"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors"]
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
-def test_atomic_output_folder_mode_follows_the_umask(tmp_path, umask):
-    """As ``mkdir`` makes it (0777 & ~umask), not a private temporary folder's 0700."""
-    previous = os.umask(umask)
-    try:
-        with AtomicOutput(tmp_path / "merged") as output:
-            (output.folder / "model.safetensors").write_bytes(b"x")
-            output.commit()
-    finally:
-        os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o777 & ~umask
-
-
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()  # reaped: its pid names no process now
-    return child.pid
-
-
-def test_stale_partial_folders_of_dead_merges_are_removed(tmp_path):
-    """A merge killed by SIGKILL leaves its work folder; the next merge of the same output removes it,
-    and only it: a live process's folder (a concurrent merge), another host's, another output's stay."""
-    from magmax.checkpoints import _HOST
-
-    dead, alive = _dead_pid(), os.getppid()
-    names = {
-        "stale": f".merged.{dead}@{_HOST}.0123abcd.partial",
-        "concurrent": f".merged.{alive}@{_HOST}.4567abcd.partial",
-        "other host": f".merged.{dead}@{_HOST}x.89abcdef.partial",
-        "other output": f".merged2.{dead}@{_HOST}.01234567.partial",
-        "not ours": ".merged.k3j_x9.partial",
-    }
-    for name in names.values():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model.safetensors").write_bytes(b"part")
-    with AtomicOutput(tmp_path / "merged") as output:
-        assert output.folder.name.startswith(f".merged.{os.getpid()}@{_HOST}.")
-        output.commit()
-    kept = sorted(p.name for p in tmp_path.iterdir())
-    assert kept == sorted(["merged", *(names[k] for k in ("concurrent", "other host", "other output", "not ours"))])
-
-
-def test_output_may_not_be_or_contain_an_input(tmp_path):
-    (tmp_path / "base").mkdir()
-    with pytest.raises(MergeInputError, match="is or contains the input"):
-        AtomicOutput(tmp_path / "base", force=True, inputs=[tmp_path / "base"])
-    with pytest.raises(MergeInputError, match="is or contains the input"):
-        AtomicOutput(tmp_path, force=True, inputs=[tmp_path / "base" / "model.safetensors"])
-
-
-def test_copy_model_files_skips_weights(tmp_path):
-    src = tmp_path / "src"
-    (src / "1_Pooling").mkdir(parents=True)
-    (src / ".cache").mkdir()
-    for name in [
-        "config.json",
-        "tokenizer.json",
-        "vocab.txt",
-        "generation_config.json",
-        "1_Pooling/config.json",
-        ".cache/x",
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-        "model.onnx",
-    ]:
-        (src / name).write_text(name)
-    dst = tmp_path / "dst"
-    dst.mkdir()
-    copy_model_files(src, dst)
-    found = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
-    assert found == ["1_Pooling/config.json", "config.json", "generation_config.json", "tokenizer.json", "vocab.txt"]
-    assert (dst / "vocab.txt").read_text() == "vocab.txt"
-
-
-# -- memory helpers ---------------------------------------------------------------------------------
-
-
-def test_run_measured_sees_a_childs_peak(tmp_path):
-    code = "x = b'1' * 200_000_000"
-    result = run_measured([sys.executable, "-c", code])
-    assert result.returncode == 0
-    # its own peak, not the resident size of this (torch-importing) test process that spawned it
-    assert 200e6 <= result.peak_rss_bytes < 260e6
-    assert peak_rss_bytes() > 0
-
-
-def test_run_measured_applies_the_address_space_limit():
-    code = "x = bytearray(500_000_000)"
-    result = run_measured([sys.executable, "-c", code], address_space_limit=300_000_000)
-    assert result.returncode != 0 and "MemoryError" in result.stderr
-
-
-def test_release_pages_keeps_the_data_of_a_mapping(tmp_path):
-    path = tmp_path / "t.pt"
-    value = torch.randn(100_000)
-    torch.save({"v": value}, path)
-    mapped = torch.load(path, mmap=True, weights_only=True)["v"]
-    assert torch.equal(mapped, value)
-    release_pages(mapped)
-    assert torch.equal(mapped, value)
-
-
-def test_format_bytes():
-    assert format_bytes(512) == "512 B"
-    assert format_bytes(1_500_000) == "1.5 MB"
-    assert format_bytes(2_000_000_000) == "2.0 GB"
-    assert format_bytes(3e12) == "3000.0 GB"
+# -- recycled read buffers --------------------------------------------------------------------------
 
 
 def test_recycled_read_buffers_are_never_shared_by_live_tensors(tmp_path):
     """A read reuses a buffer only once no tensor (nor view of one) read into it is alive."""
-    from magmax.checkpoints import SafetensorsReader, recycled_read_buffers
-
     state = {"a": torch.arange(12.0), "b": -torch.arange(12.0), "c": torch.arange(6, dtype=torch.int64)}
     path = tmp_path / "m.safetensors"
     st.save_file(state, path)
