@@ -55,6 +55,7 @@ def _register_subcommands() -> None:
     import magmax.cli_report  # noqa: F401
     import magmax.cli_run  # noqa: F401
     import magmax.cli_sweep  # noqa: F401
+    import magmax.cli_warmup  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,10 @@ class MergeRun:
         self._on_device: bool | None = None
         self.plan = self._plan()
         self.units = {unit.name: unit for unit in self.plan if unit.merged}
+        # -- first-run cost: the CPU kernels' choice weighs this merge's size (magmax.merging.numba_policy) --
+        from magmax.merging import numba_policy
+
+        numba_policy.expect(sum(base.meta(k).numel for k in self.float_keys) * (len(self.finetuned) + 1))
 
     # -- what is merged together ----------------------------------------------------------------------
     def _plan(self) -> list[Unit]:

@@ -59,9 +59,15 @@ finished the fold as asked: divided the state by ``divisor``, then wrote θ0 + s
 
 
 def enabled() -> bool:
-    """numba installed, not turned off by ``MAGMAX_NATIVE=0``, and no kernel has failed in this process."""
+    """numba installed, not turned off by ``MAGMAX_NATIVE=0``, no kernel has failed in this process, and
+    :mod:`magmax.merging.numba_policy` chooses it (compiled already, or a merge big enough to compile for)."""
     flag = os.environ.get("MAGMAX_NATIVE", "1").strip().lower()
-    return _AVAILABLE and not _disabled_after_error and flag not in ("0", "false", "no", "off")
+    if not (_AVAILABLE and not _disabled_after_error and flag not in ("0", "false", "no", "off")):
+        return False
+    # -- first-run cost: numba only where its kernels are compiled or worth compiling (numba_policy) --
+    from magmax.merging import numba_policy
+
+    return numba_policy.use_numba()
 
 
 _NATIVE_INPUTS = (torch.float32, torch.bfloat16)
