@@ -142,3 +142,23 @@ def test_warm_up_compiles_and_records(tmp_path):
     assert run(check).stdout.strip() == "False"
     assert int(run(code).stdout.strip()) >= 2
     assert run(check).stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("native", [None, "0"])
+def test_merge_cli_hints_at_warmup_only_when_it_skipped_numba(cache, cli, tmp_path, monkeypatch, native):
+    """Cold cache, default choice: the torch kernels merge and one stderr line names `magmax warmup`;
+    with MAGMAX_NATIVE=0 (torch by the user's choice) no hint."""
+    import safetensors.torch as st
+    import torch
+
+    if native is not None:
+        monkeypatch.setenv("MAGMAX_NATIVE", native)
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for name in ("base", "ft1", "ft2"):
+        paths.append(tmp_path / f"{name}.safetensors")
+        st.save_file({"w": torch.randn(64, 8, generator=gen)}, paths[-1])
+    code, out, err = cli(paths[1], paths[2], "-b", paths[0], "-m", "ties", "-o", tmp_path / "out.safetensors")
+    assert code == 0 and "merged 1 tensors" in out
+    assert ("magmax warmup" in err) == (native is None)
+    assert err.count("\n") == (native is None)

@@ -398,3 +398,9 @@ def merge_command(
     )
     if lora_report is not None:
         typer.echo(lora_report.line())
+    # -- first-run cost: a hint where the numba kernels were skipped only because they are not compiled --
+    from magmax.merging import numba_policy
+
+    if merge.engine.device.type == "cpu" and numba_policy.declined():
+        typer.echo("note: merged on the torch kernels, as the numba CPU kernels are not compiled yet; "
+                   "`magmax warmup` compiles them once (minutes), for faster merges after", err=True)
