@@ -9,7 +9,8 @@ saved with ``save_pretrained`` as a user's fine-tunes are), then times whole ``m
   found), the default kernel choice (``MAGMAX_NATIVE`` unset);
 * ``cold, numba forced``: the same with ``MAGMAX_NATIVE=1``: what a first merge cost before the choice
   looked at the cache (the kernels compile in the merge);
-* ``warm``: the cache that the forced cold run, or ``magmax warmup``, filled;
+* ``warm``: numba on the cache that the forced cold run filled (as a cache ``magmax warmup`` filled;
+  without ``MAGMAX_NATIVE=1`` only a warm-up's cache counts as compiled);
 * ``torch``: ``MAGMAX_NATIVE=0``, the torch kernels.
 
 With ``--mergekit BIN``, ``mergekit-yaml`` of that virtual environment runs an equivalent TIES config on
@@ -128,7 +129,7 @@ def main() -> None:
                 cold.append(timed(cmd, magmax_env(Path(empty), None)))
             with tempfile.TemporaryDirectory(dir=args.work) as empty:
                 forced.append(timed(cmd, magmax_env(Path(empty), "1")))
-                warm.append(timed(cmd, magmax_env(Path(empty), None)))  # the cache the forced run filled
+                warm.append(timed(cmd, magmax_env(Path(empty), "1")))  # the cache the forced run filled
                 eager.append(timed(cmd, magmax_env(Path(empty), "0")))
         row = [statistics.median(x) for x in (cold, forced, warm, eager)]
         print(f"| {method} | " + " | ".join(f"{s:.1f} s" for s in row) + " |", flush=True)
