@@ -2,7 +2,7 @@
 
 numba compiles a kernel on its first call unless its machine code is cached on disk
 (:mod:`magmax.merging.kernel_cache`). Compiling the kernels of one method costs seconds (TIES about
-22 s on a 2-vCPU machine, docs/benchmarks.md, "First merge on a fresh install"), more than a small merge
+20 s on a 2-vCPU machine, docs/benchmarks.md, "First merge on a fresh install"), more than a small merge
 takes with the torch kernels. So with ``MAGMAX_NATIVE`` unset (or ``auto``), numba runs when
 
 * its kernels are on disk (``magmax warmup`` put them there), or
@@ -23,11 +23,10 @@ from magmax.merging import kernel_cache
 COMPILE_REPAYS_AT = 150_000_000
 """Entries read (θ0 and each θ_t, summed over the merges of a process) from which compiling the numba
 kernels on the spot repays itself. Calibrated on TIES, the method with the costliest compile and the
-slowest torch path: on the 2-vCPU CPU VM (2026-12-05) its kernels cost about 22 s to compile (a first
-merge of three MiniLM fine-tunes, 26 s against 4 s warm), and they save about 1.6e-7 s per entry
-read against the torch kernels (the same merge: 18.9 s on the torch kernels, 4.2 s on cached numba
-kernels, 91M entries read): 22 s / 1.6e-7 s ≈ 1.4e8. docs/benchmarks.md, "First merge on a fresh
-install", has the figures."""
+slowest torch path: on the 2-vCPU CPU VM (2026-12-05) a first merge of three MiniLM fine-tunes
+(91M entries read) took 23.5 s compiling them against 4.1 s on cached kernels (about 20 s of compile),
+and 17.3 s on the torch kernels: 1.45e-7 s saved per entry read, 20 s / 1.45e-7 s ≈ 1.4e8.
+docs/benchmarks.md, "First merge on a fresh install", has the figures."""
 
 _ON = ("1", "true", "yes", "on")
 _planned = 0
