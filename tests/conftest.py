@@ -7,6 +7,9 @@ import os
 # Merge kernels may switch to torch.compile after enough eager time (magmax.merging.backends.select, mode "auto");
 # a test run must never pay a compile by accident. Tests that exercise compiling set the mode themselves.
 os.environ.setdefault("MAGMAX_COMPILE", "never")
+# The numba kernels run in every test that does not turn them off, compiled or not (as they did before
+# magmax.merging.backends.cpu.numba_policy weighed the compile): the tests compare them with the torch kernels.
+os.environ.setdefault("MAGMAX_NATIVE", "1")
 
 import torch  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The `magmax` command: the root ``app`` and its subcommands.
 
-Each subcommand is a plain function in its own module (cli_merge, cli_report, cli_run, cli_sweep); this
+Each subcommand is a plain function in its own module (cli_merge, cli_report, cli_run, cli_sweep, cli_warmup); this
 module imports them and registers them on ``app``. The dependency runs one way: no command module imports
 this one (what commands share lives a floor below, in cli_common).
 """
@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from magmax import cli_merge, cli_report, cli_run, cli_sweep
+from magmax import cli_merge, cli_report, cli_run, cli_sweep, cli_warmup
 from magmax.console import make_console, print_error, print_line
 from magmax.errors import MagmaxError
 
@@ -25,7 +25,7 @@ LIST_METHODS_TABLE_WIDTH = 150
 
 @app.callback()
 def _root() -> None:
-    """Continual learning by model merging: `magmax merge`, `magmax run`, `magmax sweep`, `magmax demo`, `magmax report`, `magmax list-methods`."""
+    """Continual learning by model merging: `magmax merge`, `magmax run`, `magmax sweep`, `magmax demo`, `magmax report`, `magmax warmup`, `magmax list-methods`."""
 
 
 @app.command("list-methods")
@@ -60,6 +60,7 @@ app.command("report")(cli_report.report_command)
 app.command("run")(cli_run.run_command)
 app.command("demo")(cli_run.demo_command)
 app.command("sweep")(cli_sweep.sweep_command)
+app.command("warmup")(cli_warmup.warmup_command)
 
 
 def main(argv: list[str] | None = None) -> int:

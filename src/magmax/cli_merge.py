@@ -44,6 +44,7 @@ from magmax.errors import ConfigError, MergeInputError
 from magmax.memory import format_bytes, peak_rss_bytes, return_large_buffers_to_the_os
 from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
 from magmax.merging.backends.fold import GROUP
+from magmax.merging.backends import select
 from magmax.model_card import describe_output
 from magmax.taskvector import check_finite
 from magmax.termination import sigterm_unwinds
@@ -396,3 +397,7 @@ def merge_command(
     )
     if lora_report is not None:
         typer.echo(lora_report.line())
+    # First-run cost: a hint where the numba kernels were skipped only because they are not compiled.
+    if merge.engine.device.type == "cpu" and select.numba_declined():
+        typer.echo("note: merged on the torch kernels, as the numba CPU kernels are not compiled yet; "
+                   "`magmax warmup` compiles them once (minutes), for faster merges after", err=True)

@@ -163,6 +163,7 @@ class MergeRun:
         self._on_device: bool | None = None
         self.plan = self._plan()
         self.units = {unit.name: unit for unit in self.plan if unit.merged}
+        select.expect_merge(sum(base.meta(k).numel for k in self.float_keys) * (len(self.finetuned) + 1))
 
     # -- what is merged together ----------------------------------------------------------------------
     def _plan(self) -> list[Unit]:

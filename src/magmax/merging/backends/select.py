@@ -3,7 +3,8 @@
 Paths, fastest first:
 
 * ``"numba"``: the CPU kernels of :mod:`magmax.merging.backends.cpu` (float32/bfloat16 inputs on the CPU,
-  numba installed, ``MAGMAX_NATIVE`` not ``0``, no kernel failed in this process);
+  numba installed, ``MAGMAX_NATIVE`` not ``0``, no kernel failed in this process, and the kernels either
+  compiled already or the merge big enough to repay compiling them: :mod:`...cpu.numba_policy`);
 * ``"triton"``: the GPU kernels of :mod:`magmax.merging.backends.gpu` (CUDA tensors of float32, bfloat16
   or float16, triton installed, ``MAGMAX_TRITON`` not ``0``), many tensors per launch;
 * ``"compiled"``: the method's torch kernel under ``torch.compile`` (see the compile policy below);
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from magmax.errors import ConfigError
-from magmax.merging.backends.cpu import native
+from magmax.merging.backends.cpu import native, numba_policy
 from magmax.merging.backends.gpu import triton
 
 Path = Literal["numba", "compiled", "torch"]
@@ -50,6 +51,17 @@ def group_path(has_numba: bool, state: Tensor, base: Tensor | None, inputs: Sequ
 def numba_takes(base: Tensor | None, inputs: Sequence[Tensor], group: int) -> bool:
     """Whether the CPU kernels take these inputs (for the methods whose fast path is a whole pass)."""
     return native.enabled() and native.accepts_inputs(base, inputs, group)
+
+
+def expect_merge(entries: int) -> None:
+    """Tell the choice of CPU kernels how big the coming merge is (entries read over all its models):
+    compiling the numba kernels is worth it only for merges large enough to repay the compile."""
+    numba_policy.expect(entries)
+
+
+def numba_declined() -> bool:
+    """Whether a CPU merge ran on the torch kernels only because the numba ones are not compiled."""
+    return numba_policy.declined()
 
 
 def gpu_possible() -> bool:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from magmax.merging.backends.finite import report as _report
+from magmax.merging.backends.cpu import numba_policy
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,13 @@ finished the fold as asked: divided the state by ``divisor``, then wrote θ0 + s
 
 
 def enabled() -> bool:
-    """numba installed, not turned off by ``MAGMAX_NATIVE=0``, and no kernel has failed in this process."""
+    """numba installed, not turned off by ``MAGMAX_NATIVE=0``, no kernel has failed in this process, and
+    :mod:`magmax.merging.backends.cpu.numba_policy` chooses it (compiled already, or a merge big enough to compile for)."""
     flag = os.environ.get("MAGMAX_NATIVE", "1").strip().lower()
-    return _AVAILABLE and not _disabled_after_error and flag not in ("0", "false", "no", "off")
+    if not (_AVAILABLE and not _disabled_after_error and flag not in ("0", "false", "no", "off")):
+        return False
+    # First-run cost: numba only where its kernels are compiled or worth compiling.
+    return numba_policy.use_numba()
 
 
 _NATIVE_INPUTS = (torch.float32, torch.bfloat16)
