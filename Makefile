@@ -13,7 +13,6 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test,demo]"
-	$(BIN)/magmax warmup  # the numba merge kernels, compiled once into the cache (docs/guide.md)
 	touch $@
 
 venv: $(BIN)/.installed
