@@ -30,11 +30,12 @@ def test_hand_made_stream():
     t3 = {"a.0.w": torch.tensor([0.5, 2.0, 0.0, 1.0]), "b.weight": torch.tensor([-2.0, 0.0])}
     thetas = [{**t, "steps": torch.tensor([9])} for t in (t1, t2, t3)]
     out = analyse(theta0, thetas)
-    # MagMax winners: a: [1 vs 1 → later (task 2), 2 vs 2 → task 3, all zero → task 3, |−4| → task 2];
-    #                 b: [|−2| → task 3, all zero → task 3].
-    assert out["selection"]["counts"] == [0, 2, 4]
-    assert out["selection"]["share"] == pytest.approx([0, 2 / 6, 4 / 6])
-    assert out["selection"]["layer_share"] == {"a.0": pytest.approx([0, 0.5, 0.5]), "b": pytest.approx([0, 0, 1])}
+    # Largest |τ|: a: [1 = |−1| tied, 2 = 2 tied, all zero tied, |−4| → task 2]; b: [|−2| → task 3, all zero tied].
+    # Tied entries are counted apart (the tie rule, not the tasks, would choose them).
+    assert out["selection"]["counts"] == [0, 1, 1]
+    assert out["selection"]["tied"] == 4 and out["selection"]["tied_share"] == pytest.approx(4 / 6)
+    assert out["selection"]["share"] == pytest.approx([0, 1 / 2, 1 / 2])
+    assert out["selection"]["layer_share"] == {"a.0": pytest.approx([0, 1, 0]), "b": pytest.approx([0, 0, 1])}
     # Pairwise sign conflicts among entries where both are non-zero.
     # (1,2): a: [+,-] [-,+] [.] [+,-] b: [+,+] → 3 of 4; (1,3): a: [+,+] [-,+] [+,+] b: [+,-] → 2 of 4;
     # (2,3): a: [-,+] [+,+] [-,+] b: [+,-] → 3 of 4.
@@ -86,14 +87,20 @@ def test_statistics_against_entrywise_oracles(n_tasks, seed):
     n = len(vecs[0])
     # Winner by a plain loop.
     counts = [0] * n_tasks
+    tied = 0
     for p in range(n):
+        top = max(abs(vec[p]) for vec in vecs)
+        if sum(abs(vec[p]) == top for vec in vecs) >= 2:
+            tied += 1
+            continue
         best = 0
         for t in range(1, n_tasks):
             if abs(vecs[t][p]) >= abs(vecs[best][p]):
                 best = t
         counts[best] += 1
     assert out["selection"]["counts"] == counts
-    assert sum(out["selection"]["share"]) == pytest.approx(1.0)
+    assert out["selection"]["tied"] == tied
+    assert sum(out["selection"]["share"]) == pytest.approx(1.0 if tied < n else 0.0)
     for i in range(n_tasks):
         assert out["norms"][i] == pytest.approx(math.sqrt(sum(v * v for v in vecs[i])))
         for j in range(n_tasks):

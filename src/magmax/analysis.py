@@ -3,8 +3,12 @@
 Given θ0 and the fine-tuned θ_1..θ_T of one stream (τ_t = θ_t − θ0 on the floating-point tensors):
 
 * **MagMax selection**: the MagMax rule replayed, per parameter the task of largest |τ_t| (ties to the
-  LATER task, as :mod:`magmax.merging.magmax` folds), counted per tensor; ``share`` is the fraction of
-  all parameters taken from each task, ``layer_share`` the same per layer (:func:`layer_of`).
+  LATER task, as :mod:`magmax.merging.magmax` folds), counted per tensor over the parameters where one
+  task alone has the largest |τ_t|; ``share`` is the fraction of those taken from each task,
+  ``layer_share`` the same per layer (:func:`layer_of`). Parameters where two or more tasks tie for the
+  largest |τ_t| are counted apart as ``tied``: no task moved them (τ = 0), or only weight decay did,
+  which moves a parameter by the same amount in every Ind-FT task of equal length. The tie rule alone
+  would hand them all to the last task, which says nothing about the tasks.
 * **sign conflicts**: ``pairwise[i][j]`` = among the entries where τ_i and τ_j are both non-zero, the
   fraction of opposite signs; ``overall`` = among the entries where at least two task vectors are
   non-zero, the fraction where their non-zero signs are not all the same.
@@ -58,6 +62,7 @@ class TaskVectorStats:
 
     n_tasks: int
     selected: dict[str, list[int]] = field(default_factory=dict)
+    tied: dict[str, int] = field(default_factory=dict)
     _dots: Tensor | None = None
     _both: Tensor | None = None
     _opposite: Tensor | None = None
@@ -75,7 +80,10 @@ class TaskVectorStats:
             raise ValueError(f"{key}: {len(taus)} task vectors for {self.n_tasks} tasks")
         flat = torch.stack([t.detach().reshape(-1).to(torch.float64) for t in taus])  # T × n
         winner = magmax_winner(list(flat))
-        self.selected[key] = torch.bincount(winner, minlength=self.n_tasks).tolist()
+        magnitude = flat.abs()
+        tied = magnitude.eq(magnitude.amax(0)).sum(0) >= 2
+        self.selected[key] = torch.bincount(winner[~tied], minlength=self.n_tasks).tolist()
+        self.tied[key] = int(tied.sum())
         self._dots += flat @ flat.T
         sign = torch.sign(flat)
         nonzero = (sign != 0).to(torch.float64)
@@ -92,7 +100,9 @@ class TaskVectorStats:
     def result(self) -> dict[str, Any]:
         n = self.n_tasks
         total = [sum(c[t] for c in self.selected.values()) for t in range(n)]
-        numel = sum(total)
+        untied = sum(total)
+        tied = sum(self.tied.values())
+        numel = untied + tied
         layers: dict[str, list[int]] = {}
         for key, counts in self.selected.items():
             acc = layers.setdefault(layer_of(key), [0] * n)
@@ -107,11 +117,13 @@ class TaskVectorStats:
             "n_tasks": n,
             "numel": numel,
             "selection": {
-                "share": [c / numel if numel else 0.0 for c in total],
+                "share": [c / untied if untied else 0.0 for c in total],
                 "layer_share": {
                     layer: [c / sum(counts) if sum(counts) else 0.0 for c in counts] for layer, counts in layers.items()
                 },
                 "counts": total,
+                "tied": tied,
+                "tied_share": tied / numel if numel else 0.0,
             },
             "sign_conflicts": {
                 "pairwise": pairwise.tolist(),

@@ -224,7 +224,7 @@ def draw_selection(share: list[float], layer_share: dict[str, list[float]], path
     _task_axis(ax1, n)
     ax1.set_xlabel("task")
     ax1.set_ylabel("parameters selected (%)")
-    ax1.set_title("all parameters", fontsize=9)
+    ax1.set_title("all parameters (ties left out)", fontsize=9)
     ax1.grid(alpha=0.3, axis="y")
     grid = np.asarray([layer_share[name] for name in layers], dtype=float) * 100
     image = ax2.imshow(grid, aspect="auto", cmap="magma", vmin=0)

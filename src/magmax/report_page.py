@@ -372,8 +372,10 @@ def _analyses(page: Page, src: RunSource, prefix: str) -> None:
             fname = f"{tag}magmax-selection.png"
             draw_selection(stats["selection"]["share"], stats["selection"]["layer_share"], page.tmp / fname,
                            f"MagMax on {protocol} τ: which task each parameter comes from")
+            tied = 100 * stats["selection"]["tied_share"]
             page.figure(fname, "share of the parameters MagMax takes from each task's vector, over all parameters "
-                        "and per layer.")
+                        f"and per layer, among those where one task alone has the largest |τ|. Left out: {tied:.1f}% "
+                        "where tasks tie (no task moved them, or only weight decay did, alike in every task).")
         fname = f"{tag}cosine.png"
         draw_task_matrix(stats["cosine"], page.tmp / fname, f"{protocol}: cosine similarity of task vectors", "cosine", -1, 1, "RdBu_r")
         page.figure(fname, "cosine similarity τ_i·τ_j / (‖τ_i‖ ‖τ_j‖).")
