@@ -5,8 +5,11 @@ Per group of up to ``GROUP`` inputs of a tensor: the exact bounds of every task 
 counting pass gathers the magnitudes inside the brackets, ``np.partition`` picks the exact values:
 ``kthvalue``'s), then one fold pass that sums the banded τ_t in task order and writes θ0 + λ·τ*. With
 ``ties="exact"`` the counting pass also says how many magnitudes lie below lo and up to hi; where a tie
-straddles a bound of some input, the inclusive band would keep too much and the tensor is merged by the
-reference kernel instead. Both make the same float32 additions in the same order.
+straddles a bound of some input, the inclusive band would keep the tied entries that the rule masks (the
+first ones by index at lo, the last ones at hi), so those entries of that input are set to θ0's value
+(τ = 0) in a copy of the input before the banded sum: a masked entry adds +0.0 to the sum, as in the
+reference kernel, and a zero τ inside the band adds the same +0.0. Both make the same float32 additions in
+the same order.
 """
 
 from __future__ import annotations
@@ -24,37 +27,64 @@ from magmax.merging.backends.registry import register_hook
 from magmax.taskvector import add_scaled
 
 
-def bounds(bottom: float, top: float, base: Tensor | None,
-           inputs: list[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def without_surplus_ties(base: Tensor | None, x: Tensor, low: float, high: float, surplus_low: int,
+                         surplus_high: int) -> Tensor:
+    """A copy of input ``x`` whose entries the exact rule masks although the inclusive band [low, high]
+    holds them are set to θ0's value (to 0 where there is no base), so that their τ is 0: of the
+    magnitudes equal to ``low``, the first ``surplus_low`` by index; of those equal to ``high``, the last
+    ``surplus_high``."""
+    tau = x.to(torch.float32) - base.to(torch.float32) if base is not None else x.to(torch.float32)
+    magnitude = tau.abs()
+    masked = []
+    if surplus_low > 0:
+        masked.append(torch.nonzero(magnitude == low).view(-1)[:surplus_low])
+    if surplus_high > 0:
+        tied = torch.nonzero(magnitude == high).view(-1)
+        masked.append(tied[tied.numel() - surplus_high:])
+    out = x.clone()
+    index = torch.cat(masked)
+    out[index] = base[index] if base is not None else 0
+    return out
+
+
+def band_bounds(bottom: float, top: float, base: Tensor | None,
+                inputs: list[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(low_t, high_t) of every input's band (float32; −inf / +inf where that side masks nothing), and
-    per input whether the inclusive band [low_t, high_t] holds exactly the n − n_bot − n_top entries
-    the rule keeps (no tie straddles a bound)."""
+    per input how many entries tied with low_t and with high_t the inclusive band [low_t, high_t] holds
+    beyond the rule's count (0 and 0 where no tie straddles a bound)."""
     n = inputs[0].numel()
     n_bottom, n_top = int(bottom * n), int(top * n)
     positions = ([n_bottom + 1] if n_bottom else []) + ([n - n_top] if n_top else [])
     values, below, at_most = tensor_magnitude_ranks(base, inputs, positions)
-    exact = np.ones(len(inputs), dtype=bool)
-    if n_bottom:
-        exact &= below[:, 0] == n_bottom
-    if n_top:
-        exact &= at_most[:, -1] == n - n_top
+    none = np.zeros(len(inputs), dtype=np.int64)
+    surplus_low = n_bottom - below[:, 0].astype(np.int64) if n_bottom else none
+    surplus_high = at_most[:, -1].astype(np.int64) - (n - n_top) if n_top else none
     low = values[:, 0] if n_bottom else np.full(len(inputs), -np.inf, np.float32)
     high = values[:, -1] if n_top else np.full(len(inputs), np.inf, np.float32)
-    return low, high, exact
+    return low, high, surplus_low, surplus_high
+
+
+def bounds(bottom: float, top: float, base: Tensor | None,
+           inputs: list[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low_t, high_t) of every input's band, and per input whether the inclusive band [low_t, high_t]
+    holds exactly the n − n_bot − n_top entries the rule keeps (no tie straddles a bound)."""
+    low, high, surplus_low, surplus_high = band_bounds(bottom, top, base, inputs)
+    return low, high, (surplus_low == 0) & (surplus_high == 0)
 
 
 @register_hook("breadcrumbs", "group")
 def band_group(options: object, state: Tensor, base: Tensor | None, inputs: list[Tensor], first: bool,
                scale: float | None) -> bool | None:
     """One group of the fold: whether it added θ0 (with ``scale``), or None where the kernels do not take
-    the inputs, or a tie straddles a band edge under ``ties="exact"`` (the state is then untouched).
-    ``options``: the method's (``bottom``, ``top``, ``ties``)."""
+    the inputs (the state is then untouched). ``options``: the method's (``bottom``, ``top``, ``ties``)."""
     if not (native.enabled() and native.accepts(state, base, inputs, GROUP)):
         return None
     try:
-        low, high, exact = bounds(options.bottom, options.top, base, inputs)  # type: ignore[attr-defined]
-        if options.ties == "exact" and not exact.all():  # type: ignore[attr-defined]
-            return None
+        low, high, surplus_low, surplus_high = band_bounds(options.bottom, options.top, base, inputs)  # type: ignore[attr-defined]
+        if options.ties == "exact":  # type: ignore[attr-defined]
+            inputs = [x if surplus_low[j] <= 0 and surplus_high[j] <= 0
+                      else without_surplus_ties(base, x, float(low[j]), float(high[j]), int(surplus_low[j]), int(surplus_high[j]))
+                      for j, x in enumerate(inputs)]
         return native.band_sum_group(state, base, inputs, first, low, high, scale)
     except Exception as exc:  # the native kernels are an optimisation: the torch kernel is exact too
         native.disable(exc)
