@@ -23,9 +23,9 @@ from magmax.merging.backends.cpu import kernel_cache
 COMPILE_REPAYS_AT = 600_000_000
 """Entries read (θ0 and each θ_t, summed over the merges of a process) from which compiling the numba
 kernels on the spot repays itself. Calibrated on TIES, the method with the costliest compile, on the idle
-2-vCPU CPU VM (2026-12-05), three MiniLM fine-tunes (91M entries read): 12.7 s compiling, 3.1 s on
-compiled kernels, 4.6 s on the torch kernels, so about 10 s of compile against 1.6e-8 s saved per entry
-read: 10 s / 1.6e-8 s ≈ 6e8. Below it a first merge costs what the torch kernels cost. On a loaded machine
+2-vCPU CPU VM (2026-12-05), three MiniLM fine-tunes (91M entries read): 12.7–13.0 s compiling, 3.1 s
+on compiled kernels, 4.6–4.7 s on the torch kernels, so about 10 s of compile against 1.6–1.7e-8 s saved
+per entry read: 10 s / 1.7e-8 s ≈ 6e8. Below it a first merge costs what the torch kernels cost. On a loaded machine
 numba saves more per entry (1.5e-7 s), so above the threshold compiling repays itself there too.
 docs/benchmarks.md, "First merge on a fresh install", has the figures."""
 
