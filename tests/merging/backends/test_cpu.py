@@ -17,7 +17,7 @@ from helpers import (
     make_finetuned,
     make_state_dict,
 )
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import magmax
@@ -648,6 +648,34 @@ def test_native_breadcrumbs_exact_counts_match_a_stable_sort_oracle(dtype, botto
         one = magmax.Merger("breadcrumbs", base, bottom=bottom, top=top)
         one.add(fts[0])
         assert int((one.task_vector()[key] != 0).sum()) == n - int(bottom * n) - int(top * n), key
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(20, 3_000), levels=st.integers(1, 6), count=st.integers(1, 3),
+       bottom=st.sampled_from([0.0, 0.1, 0.5, 0.85]), top=st.sampled_from([0.0, 0.007, 0.1, 0.3]),
+       with_base=st.booleans(), seed=st.integers(0, 10_000))
+def test_native_breadcrumbs_on_heavy_ties_equals_the_stable_sort_oracle(n, levels, count, bottom, top, with_base, seed):
+    """τ with a handful of distinct magnitudes (ties at both band edges, lo = hi when levels is small): the
+    native band, with the tied entries the rule masks zeroed first, gives the oracle's bits, whether the
+    inputs are θ_t beside θ0 or task vectors themselves."""
+    assume(bottom + top < 1)
+    gen = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(n, generator=gen)} if with_base else {"w": torch.zeros(n)}
+    fts = [{"w": base["w"] + torch.randint(-levels, levels + 1, (n,), generator=gen).float() / 4} for _ in range(count)]
+    want = _stable_sort_breadcrumbs(base, fts, bottom, top)["w"]
+    calls = []
+    original = _native.band_sum_group
+    try:
+        _native.band_sum_group = lambda *a, **k: calls.append(1) or original(*a, **k)
+        merger = magmax.Merger("breadcrumbs", base, bottom=bottom, top=top)
+        for ft in fts:
+            merger.add(ft)
+        got = merger.task_vector()["w"]
+    finally:
+        _native.band_sum_group = original
+    assert bitwise_equal(got, want)
+    if int(bottom * n) or int(top * n):
+        assert calls
 
 
 @pytest.mark.parametrize("failure", [None, "bracket misses", "gather overflows"])
