@@ -43,8 +43,8 @@ from magmax.hf_quirks import Alignment, align_inputs
 from magmax.errors import ConfigError, MergeInputError
 from magmax.memory import format_bytes, peak_rss_bytes, return_large_buffers_to_the_os
 from magmax.merge_config import MergeConfig, build_merge_config, parse_option, read_merge_yaml
-from magmax.merging.backends.fold import GROUP
 from magmax.merging.backends import select
+from magmax.merging.backends.fold import GROUP
 from magmax.model_card import describe_output
 from magmax.taskvector import check_finite
 from magmax.termination import sigterm_unwinds
