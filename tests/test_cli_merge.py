@@ -18,6 +18,7 @@ from safetensors import safe_open
 import torch
 import yaml
 
+from checkpoint_helpers import load_output
 import magmax
 from magmax.cli import main
 from magmax.memory import format_bytes, run_measured
@@ -75,19 +76,6 @@ def save(state: dict[str, torch.Tensor], path: Path, kind: str) -> Path:
     elif kind == "sharded":
         save_hand_sharded(state, path)
     return path
-
-
-def load_output(out: Path) -> dict[str, torch.Tensor]:
-    """The written checkpoint through the safetensors library alone (the index read by hand)."""
-    if out.is_file():
-        return st.load_file(out)
-    index = out / "model.safetensors.index.json"
-    if not index.exists():
-        return st.load_file(out / "model.safetensors")
-    state: dict[str, torch.Tensor] = {}
-    for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state.update(st.load_file(out / name))
-    return state
 
 
 def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

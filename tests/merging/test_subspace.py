@@ -176,6 +176,21 @@ def close_to_oracle(actual: Tensor, expected: Tensor, perturbed: list[Tensor]) -
     )
 
 
+def assert_matches_svd_oracle(method: str, oracle, seed: int, tasks: int, fraction: float | None = None) -> None:
+    """The method's τ* on a tiny model against ``oracle`` per matrix (within the spread the SVD's rounding
+    allows), and the mean of the task vectors on every other tensor."""
+    options = {} if fraction is None else {"common_space_fraction": fraction}
+    extra = () if fraction is None else (fraction,)
+    base, finetuned = tiny_models(seed, tasks)
+    taus = task_vectors(base, finetuned)
+    for key, value in merged_tau(method, base, finetuned, **options).items():
+        stack = [tv[key] for tv in taus]
+        if value.ndim == 2:
+            close_to_oracle(value, oracle(stack, *extra), svd_spread(oracle, stack, *extra))
+        else:
+            assert torch.equal(value, sum(stack) / tasks), key
+
+
 def spread_in(perturbed: list[Tensor], expected: Tensor, measure) -> float:
     """How far float32 SVD backward errors move what a test checks: the largest |measure(p − expected)|
     over the perturbed oracles (``measure`` maps a deviation to the coordinates the test asserts on)."""
@@ -456,15 +471,7 @@ def test_consensus_single_task_with_k1_is_the_task_vector(seed, lam):
 
 @pytest.mark.parametrize("tasks", [2, 3, 5])
 def test_tsv_matches_oracle(tasks):
-    base, finetuned = tiny_models(5, tasks)
-    taus = task_vectors(base, finetuned)
-    got = merged_tau("tsv", base, finetuned)
-    for key, value in got.items():
-        stack = [tv[key] for tv in taus]
-        if value.ndim == 2:
-            close_to_oracle(value, tsv_oracle(stack), svd_spread(tsv_oracle, stack))
-        else:
-            assert torch.equal(value, sum(stack) / tasks), key
+    assert_matches_svd_oracle("tsv", tsv_oracle, seed=5, tasks=tasks)
 
 
 @FAST
@@ -503,15 +510,7 @@ def test_tsv_rank_budget_below_one_gives_zero_and_exclude_gives_mean():
 
 @pytest.mark.parametrize("tasks", [1, 2, 4])
 def test_iso_c_matches_oracle(tasks):
-    base, finetuned = tiny_models(7, tasks)
-    taus = task_vectors(base, finetuned)
-    got = merged_tau("iso_c", base, finetuned)
-    for key, value in got.items():
-        stack = [tv[key] for tv in taus]
-        if value.ndim == 2:
-            close_to_oracle(value, iso_c_oracle(stack), svd_spread(iso_c_oracle, stack))
-        else:
-            assert torch.equal(value, sum(stack) / tasks), key
+    assert_matches_svd_oracle("iso_c", iso_c_oracle, seed=7, tasks=tasks)
 
 
 @FAST
@@ -541,15 +540,7 @@ def test_iso_c_spectrum_is_flat_with_the_mean_singular_value(seed, tasks, rows, 
 
 @pytest.mark.parametrize(("tasks", "fraction"), [(2, 0.8), (3, 0.8), (4, 0.5), (5, 0.8)])
 def test_iso_cts_matches_oracle(tasks, fraction):
-    base, finetuned = tiny_models(8, tasks)
-    taus = task_vectors(base, finetuned)
-    got = merged_tau("iso_cts", base, finetuned, common_space_fraction=fraction)
-    for key, value in got.items():
-        stack = [tv[key] for tv in taus]
-        if value.ndim == 2:
-            close_to_oracle(value, iso_cts_oracle(stack, fraction), svd_spread(iso_cts_oracle, stack, fraction))
-        else:
-            assert torch.equal(value, sum(stack) / tasks), key
+    assert_matches_svd_oracle("iso_cts", iso_cts_oracle, seed=8, tasks=tasks, fraction=fraction)
 
 
 @pytest.mark.parametrize(

@@ -539,10 +539,10 @@ def test_breadcrumbs_bounds_are_exact_when_a_bracket_fails(failure, monkeypatch)
         monkeypatch.setattr(_threshold, "bracket_ranks", lambda taken, total, position: (0, 1))
     else:
         monkeypatch.setattr(_threshold, "gather_capacity", lambda *args: 40)
-    from magmax.merging.backends.cpu.breadcrumbs import bounds
+    from magmax.merging.backends.cpu.breadcrumbs import band_bounds
 
-    low, high, exact = bounds(0.6, 0.05, None, taus)
-    assert exact.all()  # continuous magnitudes: no tie at a bound
+    low, high, surplus_low, surplus_high = band_bounds(0.6, 0.05, None, taus)
+    assert not surplus_low.any() and not surplus_high.any()  # continuous magnitudes: no tie at a bound
     for t, tau in enumerate(taus):
         n = tau.numel()
         assert low[t] == float(torch.kthvalue(tau.abs(), int(0.6 * n) + 1).values)

@@ -64,14 +64,6 @@ def band_bounds(bottom: float, top: float, base: Tensor | None,
     return low, high, surplus_low, surplus_high
 
 
-def bounds(bottom: float, top: float, base: Tensor | None,
-           inputs: list[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(low_t, high_t) of every input's band, and per input whether the inclusive band [low_t, high_t]
-    holds exactly the n − n_bot − n_top entries the rule keeps (no tie straddles a bound)."""
-    low, high, surplus_low, surplus_high = band_bounds(bottom, top, base, inputs)
-    return low, high, (surplus_low == 0) & (surplus_high == 0)
-
-
 @register_hook("breadcrumbs", "group")
 def band_group(options: object, state: Tensor, base: Tensor | None, inputs: list[Tensor], first: bool,
                scale: float | None) -> bool | None:
