@@ -2,7 +2,7 @@
 
 numba compiles a kernel on its first call unless its machine code is cached on disk
 (:mod:`magmax.merging.backends.cpu.kernel_cache`). Compiling the kernels of one method costs seconds (TIES about
-10 s on an idle 2-vCPU machine, 20 s on a loaded one; docs/benchmarks.md, "First merge on a fresh install"), more than a small merge
+10 s on an idle 2-vCPU machine; docs/benchmarks.md, "First merge on a fresh install"), more than a small merge
 takes with the torch kernels. So with ``MAGMAX_NATIVE`` unset (or ``auto``), numba runs when
 
 * its kernels are on disk (``magmax warmup`` put them there), or
@@ -25,8 +25,7 @@ COMPILE_REPAYS_AT = 600_000_000
 kernels on the spot repays itself. Calibrated on TIES, the method with the costliest compile, on the idle
 2-vCPU CPU VM (2026-12-05), three MiniLM fine-tunes (91M entries read): 12.7–13.0 s compiling, 3.1 s
 on compiled kernels, 4.6–4.7 s on the torch kernels, so about 10 s of compile against 1.6–1.7e-8 s saved
-per entry read: 10 s / 1.7e-8 s ≈ 6e8. Below it a first merge costs what the torch kernels cost. On a loaded machine
-numba saves more per entry (1.5e-7 s), so above the threshold compiling repays itself there too.
+per entry read: 10 s / 1.7e-8 s ≈ 6e8. Below it a first merge costs what the torch kernels cost.
 docs/benchmarks.md, "First merge on a fresh install", has the figures."""
 
 _ON = ("1", "true", "yes", "on")
